@@ -1,0 +1,37 @@
+// The Python face of the C++ core: raw device pointers, sizes and stream handles as integers.
+// Argument validation happens in python/symcomm/ops.py before anything here is called.
+#include <cuda_runtime_api.h>
+#include <non_abi/nvshmem_version.h>
+#include <pybind11/pybind11.h>
+
+#include "core/device_state.h"
+#include "core/sanity.h"
+
+#ifndef SYMCOMM_CUDA_ARCHS
+#define SYMCOMM_CUDA_ARCHS "unknown"
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "symcomm CUDA/NVSHMEM kernels (pointer-level API; use symcomm.* instead)";
+
+  m.def("init_device_state", &symcomm::init_device_state, py::arg("wait_timeout_s"));
+  m.def("finalize_device_state", &symcomm::finalize_device_state);
+  m.def("device_state_ready", &symcomm::device_state_ready);
+  m.def("init_status", &symcomm::init_status);
+  m.def("my_pe", &symcomm::my_pe);
+  m.def("n_pes", &symcomm::n_pes);
+
+  m.def("ring_put_signal", &symcomm::ring_put_signal, py::arg("dst"), py::arg("src"), py::arg("bytes"),
+        py::arg("signal"), py::arg("epoch"), py::arg("stream"));
+  m.def("peer_load", &symcomm::peer_load, py::arg("out"), py::arg("symmetric"), py::arg("bytes"), py::arg("pe"),
+        py::arg("found"), py::arg("stream"));
+  m.def("barrier_all", &symcomm::barrier_all, py::arg("stream"));
+  m.def("wait_flag", &symcomm::wait_flag, py::arg("flag"), py::arg("target"), py::arg("stream"));
+
+  m.attr("nvshmem_version") = py::make_tuple(NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                               NVSHMEM_VENDOR_PATCH_VERSION);
+  m.attr("cuda_version") = CUDART_VERSION;
+  m.attr("cuda_archs") = SYMCOMM_CUDA_ARCHS;
+}

@@ -1,0 +1,17 @@
+#pragma once
+// Our extension links its own copy of NVSHMEM's device library, so it carries its own device
+// state, which the host library (already started by nvshmem4py) must be told about.
+namespace symcomm {
+
+// Registers this module's NVSHMEM device state with the running host library and sets the
+// timeout of device-side waits. Call after nvshmem.core.init, once per process.
+void init_device_state(double wait_timeout_s);
+// Unregisters it; call before nvshmem.core.finalize.
+void finalize_device_state();
+bool device_state_ready();
+// nvshmemx_init_status(): 3 = limited MPG (several PEs per GPU without MPS), 4 = full MPG.
+int init_status();
+int my_pe();
+int n_pes();
+
+}  // namespace symcomm

@@ -1,0 +1,44 @@
+#pragma once
+// Device-side waits on flags that peers set. Every wait has a deadline: a peer that never arrives
+// (a crashed rank, ranks that disagree on the call sequence) must produce a message naming the
+// waiting PE and what it waited for, not a silent hang of the whole job.
+#include <cstdint>
+#include <cstdio>
+
+#include <nvshmem.h>
+
+namespace symcomm {
+
+// Set from the host at init (SYMCOMM_TIMEOUT_S); lives in core/device_state.cu.
+extern __device__ std::uint64_t g_wait_timeout_ns;
+
+__device__ __forceinline__ std::uint64_t global_timer_ns() {
+  std::uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// System-scope acquire: the flag is written by another PE (another process, possibly over
+// NVLink), and the data it guards must be visible once we see the flag.
+__device__ __forceinline__ std::uint64_t load_acquire_sys(const std::uint64_t* p) {
+  std::uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Spins until *flag >= target; on timeout prints who waited for what and traps, which surfaces on
+// the host as a CUDA error at the next synchronisation.
+__device__ inline void wait_geq(const std::uint64_t* flag, std::uint64_t target, const char* what, int peer) {
+  const std::uint64_t start = global_timer_ns();
+  std::uint64_t seen;
+  while ((seen = load_acquire_sys(flag)) < target) {
+    if (global_timer_ns() - start > g_wait_timeout_ns) {
+      printf("symcomm: PE %d timed out after %.1f s waiting for %s from PE %d (flag %llu, expected >= %llu)\n",
+             nvshmem_my_pe(), g_wait_timeout_ns * 1e-9, what, peer, (unsigned long long)seen,
+             (unsigned long long)target);
+      __trap();
+    }
+  }
+}
+
+}  // namespace symcomm

@@ -1,0 +1,294 @@
+"""torch.ops.symcomm.*: every op's schema, argument checks, fake impl and backend impls.
+
+Each op is one `Op` row below. Its `out_shape` function validates the arguments (raising
+TypeError/ValueError that name the argument) and returns the output shape; the fake impl, used by
+torch.compile, and the real impl both call it, so a bad call fails the same way traced or eager,
+and always before any communication.
+
+The real impl is registered for CPU and CUDA. It runs the `nvshmem` kernel when the backend is
+nvshmem and the op has one, and the `torch` (torch.distributed) impl otherwise.
+
+With SYMCOMM_DEBUG=1, ranks also compare their calls before communicating: if any rank's arguments
+are invalid, or the ranks' shapes, dtypes or arguments differ, every rank raises the same error
+(instead of the others waiting for the process-group timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from symcomm import runtime
+
+log = logging.getLogger("symcomm")
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+REDUCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MOVE_DTYPES = REDUCE_DTYPES + FLOAT8 + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+GEMM_DTYPES = REDUCE_DTYPES
+
+lib = torch.library.Library("symcomm", "DEF")
+
+
+@dataclass(frozen=True)
+class Op:
+    schema: str
+    out_shape: Callable[..., tuple[int, ...]]
+    torch_impl: Callable[..., torch.Tensor]
+    nvshmem_impl: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.schema.split("(", 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(op: str, name: str, t, dtypes, ndim: int | None = None) -> None:
+    state = runtime._get()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    # The torch backend also serves CPU tensors through gloo; nvshmem kernels need this rank's GPU.
+    if t.device != state.device and not (state.backend == "torch" and t.device.type == "cpu"):
+        raise ValueError(f"{op}: {name} must be on {state.device} (the {state.backend} backend's device), got {t.device}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected one of {_dtype_names(dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def check_dim(op: str, x: torch.Tensor, dim) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{op}: dim must be an int, got {dim!r}")
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: dim {dim} is out of range for x of shape {tuple(x.shape)}")
+    return dim % x.dim()
+
+
+def check_divisible(op: str, what: str, size: int) -> None:
+    world = runtime.world_size()
+    if size % world:
+        raise ValueError(f"{op}: {what}={size} is not divisible by the world size {world}")
+
+
+def check_matmul(op: str, a, b) -> None:
+    check_tensor(op, "a", a, GEMM_DTYPES, ndim=2)
+    check_tensor(op, "b", b, GEMM_DTYPES, ndim=2)
+    if b.dtype != a.dtype or b.device != a.device:
+        raise TypeError(f"{op}: b must match a's dtype and device ({a.dtype}, {a.device}), got ({b.dtype}, {b.device})")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{op}: a.shape[1]={a.shape[1]} must equal b.shape[0]={b.shape[0]} (a is [M, K], b is [K, N])")
+
+
+def all_reduce_shape(x) -> tuple[int, ...]:
+    check_tensor("all_reduce", "x", x, REDUCE_DTYPES)
+    return tuple(x.shape)
+
+
+def all_gather_shape(x, dim=0) -> tuple[int, ...]:
+    check_tensor("all_gather", "x", x, MOVE_DTYPES)
+    d = check_dim("all_gather", x, dim)
+    shape = list(x.shape)
+    shape[d] *= runtime.world_size()
+    return tuple(shape)
+
+
+def reduce_scatter_shape(x, dim=0) -> tuple[int, ...]:
+    check_tensor("reduce_scatter", "x", x, REDUCE_DTYPES)
+    d = check_dim("reduce_scatter", x, dim)
+    check_divisible("reduce_scatter", f"x.shape[{d}]", x.shape[d])
+    shape = list(x.shape)
+    shape[d] //= runtime.world_size()
+    return tuple(shape)
+
+
+def all_to_all_shape(x) -> tuple[int, ...]:
+    check_tensor("all_to_all", "x", x, MOVE_DTYPES)
+    if x.dim() == 0:
+        raise ValueError("all_to_all: x must have at least one dimension, got a scalar")
+    check_divisible("all_to_all", "x.shape[0]", x.shape[0])
+    return tuple(x.shape)
+
+
+def gemm_all_reduce_shape(a, b, bias=None) -> tuple[int, ...]:
+    check_matmul("gemm_all_reduce", a, b)
+    if bias is not None:
+        check_tensor("gemm_all_reduce", "bias", bias, (a.dtype,), ndim=1)
+        if bias.shape[0] != b.shape[1]:
+            raise ValueError(f"gemm_all_reduce: bias has {bias.shape[0]} elements, expected N={b.shape[1]}")
+    return (a.shape[0], b.shape[1])
+
+
+def gemm_reduce_scatter_shape(a, b) -> tuple[int, ...]:
+    check_matmul("gemm_reduce_scatter", a, b)
+    check_divisible("gemm_reduce_scatter", "a.shape[0] (M)", a.shape[0])
+    return (a.shape[0] // runtime.world_size(), b.shape[1])
+
+
+def all_gather_gemm_shape(a, b) -> tuple[int, ...]:
+    check_matmul("all_gather_gemm", a, b)
+    return (a.shape[0] * runtime.world_size(), b.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend: torch.distributed (gloo for CPU tensors, NCCL for CUDA tensors when each rank
+# owns its GPU; gloo through host copies when ranks share one GPU).
+
+
+# torch 2.13 renamed the flat collectives (the old names warn); torch 2.11 has only the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+def _wire(x: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy of x that the process group can move (float8 as raw bytes)."""
+    if x.is_cuda and runtime.shared_gpu():
+        y = x.to("cpu", memory_format=torch.contiguous_format)
+    else:
+        y = x.clone(memory_format=torch.contiguous_format)
+    return y.view(torch.uint8) if y.dtype in FLOAT8 else y
+
+
+def _unwire(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return y.view(like.dtype).to(like.device)
+
+
+def _empty_wire(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def torch_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    y = _wire(x)
+    dist.all_reduce(y)
+    return _unwire(y, x)
+
+
+def torch_all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    d = dim % x.dim()
+    y = _wire(x)
+    world = runtime.world_size()
+    gathered = _empty_wire((world * y.shape[0], *y.shape[1:]), y)
+    _all_gather_flat(gathered, y)
+    # [world, ..., n_d, ...] -> [..., world * n_d, ...]: rank r's block lands at offset r * n_d.
+    out = gathered.unflatten(0, (world, y.shape[0])).movedim(0, d).reshape(all_gather_shape(x, dim))
+    return _unwire(out, x)
+
+
+def torch_reduce_scatter(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    d = dim % x.dim()
+    world = runtime.world_size()
+    # Rank r receives the sum of every rank's r-th chunk along dim.
+    chunks = x.unflatten(d, (world, x.shape[d] // world)).movedim(d, 0)
+    y = _wire(chunks)
+    out = _empty_wire(y.shape[1:], y)
+    _reduce_scatter_flat(out, y.flatten(0, 1))
+    return _unwire(out, x)
+
+
+def torch_all_to_all(x: torch.Tensor) -> torch.Tensor:
+    y = _wire(x)
+    out = torch.empty_like(y)
+    dist.all_to_all_single(out, y)
+    return _unwire(out, x)
+
+
+def torch_gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    out = torch_all_reduce(a @ b)
+    return out if bias is None else out + bias
+
+
+def torch_gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch_reduce_scatter(a @ b, 0)
+
+
+def torch_all_gather_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch_all_gather(a, 0) @ b
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+
+OPS = (
+    Op("all_reduce(Tensor x) -> Tensor", all_reduce_shape, torch_all_reduce),
+    Op("all_gather(Tensor x, int dim=0) -> Tensor", all_gather_shape, torch_all_gather),
+    Op("reduce_scatter(Tensor x, int dim=0) -> Tensor", reduce_scatter_shape, torch_reduce_scatter),
+    Op("all_to_all(Tensor x) -> Tensor", all_to_all_shape, torch_all_to_all),
+    Op("gemm_all_reduce(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", gemm_all_reduce_shape, torch_gemm_all_reduce),
+    Op("gemm_reduce_scatter(Tensor a, Tensor b) -> Tensor", gemm_reduce_scatter_shape, torch_gemm_reduce_scatter),
+    Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm),
+)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("SYMCOMM_DEBUG", "0") not in ("", "0")
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
+
+
+def _agree_on_call(name: str, args, error: Exception | None) -> None:
+    """Debug mode: every rank raises if any rank's call is invalid or differs from rank 0's."""
+    world = runtime.world_size()
+    mine = (None if error is None else f"{type(error).__name__}: {error}", _signature(args))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    bad = [f"rank {r}: {err}" for r, (err, _) in enumerate(everyone) if err is not None]
+    if bad:
+        raise (type(error) if error is not None else ValueError)(f"{name}: invalid call on some ranks; " + "; ".join(bad))
+    if any(sig != everyone[0][1] for _, sig in everyone):
+        calls = "; ".join(f"rank {r}: {sig}" for r, (_, sig) in enumerate(everyone))
+        raise ValueError(f"{name}: ranks called with different arguments (shapes, dtypes, values): {calls}")
+
+
+_fallback_logged: set[str] = set()
+
+
+def _pick_impl(op: Op, args) -> Callable[..., torch.Tensor]:
+    if runtime.backend() == "nvshmem" and args[0].is_cuda:
+        if op.nvshmem_impl is not None:
+            return op.nvshmem_impl
+        if op.name not in _fallback_logged and runtime.rank() == 0:
+            log.info("symcomm: %s has no nvshmem kernel yet; running it on the torch backend", op.name)
+        _fallback_logged.add(op.name)
+    return op.torch_impl
+
+
+def _register(op: Op) -> None:
+    lib.define(op.schema)
+
+    def fake(*args):
+        return args[0].new_empty(op.out_shape(*args))
+
+    def real(*args):
+        error = None
+        try:
+            op.out_shape(*args)
+        except (TypeError, ValueError) as e:
+            error = e
+        if debug_enabled():
+            _agree_on_call(op.name, args, error)
+        if error is not None:
+            raise error
+        return _pick_impl(op, args)(*args)
+
+    torch.library.register_fake(f"symcomm::{op.name}", fake, lib=lib)
+    lib.impl(op.name, real, "CPU")
+    lib.impl(op.name, real, "CUDA")
+
+
+for _op in OPS:
+    _register(_op)

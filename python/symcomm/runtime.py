@@ -1,0 +1,381 @@
+"""Process-wide state: init / finalize, the active backend, and symmetric-heap allocation.
+
+Order matters on the nvshmem backend (see the README's "How it starts"):
+torch.distributed -> nvshmem4py host init (unique id over torch.distributed) -> our extension's
+device state -> workspace. finalize() walks the same steps backwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import importlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("symcomm")
+
+BACKENDS = ("auto", "nvshmem", "torch")
+DEFAULT_WORKSPACE_BYTES = 64 << 20
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class NotInitializedError(RuntimeError):
+    pass
+
+
+@dataclass
+class _State:
+    backend: str
+    rank: int
+    world_size: int
+    device: torch.device
+    timeout_s: float
+    owns_process_group: bool
+    # Ranks that share one GPU: NCCL refuses them, so the process group is gloo only.
+    shared_gpu: bool = False
+    workspace: torch.Tensor | None = None
+    # Every live allocation of empty(), keyed by storage address. Holding them here keeps their
+    # frees collective and explicit (free() or finalize()), never in a garbage-collector callback.
+    symmetric: dict[int, torch.Tensor] = field(default_factory=dict)
+    init_args: tuple = ()
+
+
+_state: _State | None = None
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def load_extension():
+    """Imports symcomm._C, loading NVSHMEM's host library from its wheel first.
+
+    The wheel ships only versioned .so files in a directory no loader searches, so the library is
+    opened by full path (RTLD_GLOBAL) before the extension that needs it. If torch already loaded
+    libnvshmem_host.so.3 (torch >= 2.11 CUDA wheels do), the loader reuses that copy.
+    """
+    spec = importlib.util.find_spec("nvidia.nvshmem")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("NVSHMEM host library not found: pip install 'nvidia-nvshmem-cu13>=3.4.5'")
+    lib_dir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+    ctypes.CDLL(os.path.join(lib_dir, "libnvshmem_host.so.3"), mode=ctypes.RTLD_GLOBAL)
+    return importlib.import_module("symcomm._C")
+
+
+def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
+    """Why the nvshmem backend cannot run in this process, or None if it can."""
+    if device.type != "cuda":
+        return "no CUDA GPU is visible to torch"
+    try:
+        load_extension()
+    except ImportError as e:
+        return f"the CUDA extension symcomm._C could not be loaded ({e}); was symcomm built with SYMCOMM_CUDA=OFF?"
+    except OSError as e:
+        return f"the NVSHMEM host library could not be loaded ({e})"
+    try:
+        import nvshmem.core  # noqa: F401
+    except Exception as e:  # nvshmem4py raises assorted errors when cuda-python is off
+        return f"nvshmem4py could not be imported ({type(e).__name__}: {e}); pip install nvshmem4py-cu13"
+    return None
+
+
+def _rank_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun's variables, or a world of one."""
+    world = _env_int("WORLD_SIZE")
+    rank = _env_int("RANK")
+    if world is None or rank is None:
+        return 0, 1, 0, 1
+    local_rank = _env_int("LOCAL_RANK")
+    local_world = _env_int("LOCAL_WORLD_SIZE")
+    return rank, world, rank if local_rank is None else local_rank, world if local_world is None else local_world
+
+
+def _pick_device(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+_generation = 0
+
+
+def _start_process_group(device: torch.device, shared_gpu: bool, timeout_s: float, rank: int, world: int) -> bool:
+    """Starts torch.distributed unless the user already did; returns whether we own it."""
+    global _generation
+    if dist.is_initialized():
+        return False
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" and not shared_gpu else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ:
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        # Each init gets its own keys, so an init after finalize (or after a failed init) never
+        # meets the addresses that a destroyed group left in the store.
+        store = dist.PrefixStore(f"symcomm/{_generation}", store)
+        _generation += 1
+    else:
+        # Not under torchrun: a world of one needs no rendezvous.
+        store = dist.HashStore()
+    kwargs = {"device_id": device} if backend != "gloo" else {}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    return True
+
+
+def _agree(local: str | None) -> list[str | None]:
+    """Every rank's value of `local`, so that all ranks take the same decision or raise together."""
+    values: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, local)
+    return values
+
+
+def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
+    import nvshmem.core
+    from cuda.core import Device
+
+    if state.shared_gpu:
+        # One GPU: no NVLink switch to multicast through and no network to reach.
+        os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    torch.cuda.set_device(state.device)
+    cuda_device = Device(state.device.index)
+    cuda_device.set_current()
+    uid = nvshmem.core.get_unique_id(empty=state.rank != 0)
+    box = [uid]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+    nvshmem.core.init(device=cuda_device, uid=box[0], rank=state.rank, nranks=state.world_size, initializer_method="uid")
+    load_extension().init_device_state(state.timeout_s)
+    state.workspace = _allocate(state, (workspace_bytes,), torch.uint8)
+
+
+def _allocate(state: _State, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if state.backend == "nvshmem":
+        import nvshmem.core.interop.torch as nvshmem_torch
+
+        # At least one element so that a zero-size tensor still has a heap address to free.
+        raw = nvshmem_torch.tensor((max(nbytes, 16),), dtype=torch.uint8)
+    else:
+        raw = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=state.device)
+    state.symmetric[raw.data_ptr()] = raw
+    return raw[:nbytes].view(dtype).view(shape)
+
+
+def _free(state: _State, raw: torch.Tensor) -> None:
+    del state.symmetric[raw.data_ptr()]
+    if state.backend == "nvshmem":
+        import nvshmem.core.interop.torch as nvshmem_torch
+
+        nvshmem_torch.free_tensor(raw)
+
+
+def init(backend: str = "auto", workspace_bytes: int | None = None, timeout_s: float | None = None) -> str:
+    """Starts symcomm in this process (under torchrun, or alone as a world of one).
+
+    backend: "nvshmem" (CUDA kernels over the symmetric heap), "torch" (torch.distributed), or
+    "auto" (nvshmem when every rank can run it, else torch; the reason is logged).
+    workspace_bytes: the symmetric workspace allocated up front so that ops never allocate, e.g.
+    inside a CUDA-graph capture (default SYMCOMM_WORKSPACE_BYTES or 64 MiB).
+    timeout_s: how long device-side waits and the process group wait for a peer before raising
+    (default SYMCOMM_TIMEOUT_S or 60).
+
+    Calling init again with the same arguments does nothing; with different ones it raises.
+    Returns the backend in use.
+    """
+    global _state
+    if backend not in BACKENDS:
+        raise ValueError(f"init: backend must be one of {BACKENDS}, got {backend!r}")
+    if workspace_bytes is None:
+        workspace_bytes = _env_int("SYMCOMM_WORKSPACE_BYTES") or DEFAULT_WORKSPACE_BYTES
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
+        raise ValueError(f"init: workspace_bytes must be a positive int, got {workspace_bytes!r}")
+    if timeout_s is None:
+        timeout_s = _env_float("SYMCOMM_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+    if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ValueError(f"init: timeout_s must be a positive number, got {timeout_s!r}")
+
+    args = (backend, workspace_bytes, float(timeout_s))
+    if _state is not None:
+        if args != _state.init_args:
+            raise RuntimeError(
+                f"init: symcomm is already initialised with (backend, workspace_bytes, timeout_s)={_state.init_args}; "
+                f"call finalize() before init{args}"
+            )
+        return _state.backend
+
+    rank, world, local_rank, local_world = _rank_env()
+    device = _pick_device(local_rank)
+    shared_gpu = device.type == "cuda" and local_world > torch.cuda.device_count()
+    owns_pg = _start_process_group(device, shared_gpu, timeout_s, rank, world)
+    if dist.get_world_size() != world and "WORLD_SIZE" in os.environ:
+        raise RuntimeError(f"init: torch.distributed has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    try:
+        chosen = _choose_backend(backend, device, rank)
+        state = _State(chosen, rank, world, device, float(timeout_s), owns_pg, shared_gpu, init_args=args)
+        if chosen == "nvshmem":
+            _start_nvshmem(state, workspace_bytes)
+    except BaseException:
+        if owns_pg:
+            dist.destroy_process_group()
+        raise
+    _state = state
+    return chosen
+
+
+def _choose_backend(requested: str, device: torch.device, rank: int) -> str:
+    if requested == "torch":
+        return "torch"
+    reasons = _agree(_nvshmem_unavailable_reason(device))
+    failing = {r: why for r, why in enumerate(reasons) if why is not None}
+    if not failing:
+        return "nvshmem"
+    summary = "; ".join(f"rank {r}: {why}" for r, why in failing.items())
+    if requested == "nvshmem":
+        raise RuntimeError(f"init(backend='nvshmem'): the nvshmem backend is unavailable ({summary})")
+    if rank == 0:
+        level = logging.WARNING if device.type == "cuda" else logging.INFO
+        log.log(level, "symcomm: using the torch backend because %s", summary)
+    return "torch"
+
+
+def finalize() -> None:
+    """Frees every symmetric tensor and shuts NVSHMEM down; a no-op when not initialised.
+
+    Collective: every rank must call it.
+    """
+    global _state
+    state = _state
+    if state is None:
+        return
+    _state = None
+    if state.backend == "nvshmem":
+        import nvshmem.core
+
+        # No peer may still be reading our heap when we free it.
+        torch.cuda.synchronize(state.device)
+        dist.barrier()
+        load_extension().finalize_device_state()
+        for raw in list(state.symmetric.values()):
+            _free(state, raw)
+        nvshmem.core.finalize()
+    state.symmetric.clear()
+    if state.owns_process_group:
+        dist.destroy_process_group()
+
+
+def _get() -> _State:
+    if _state is None:
+        raise NotInitializedError("symcomm is not initialised: call symcomm.init() first")
+    return _state
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def backend() -> str:
+    return _get().backend
+
+
+def rank() -> int:
+    return _get().rank
+
+
+def world_size() -> int:
+    return _get().world_size
+
+
+def device() -> torch.device:
+    """The device symcomm ops expect their tensors on (cuda:N on the nvshmem backend)."""
+    return _get().device
+
+
+def timeout_s() -> float:
+    return _get().timeout_s
+
+
+def shared_gpu() -> bool:
+    """Whether several ranks share this GPU (so the process group is gloo only)."""
+    return _get().shared_gpu
+
+
+def workspace() -> torch.Tensor | None:
+    """The symmetric workspace (uint8) on the nvshmem backend; None on the torch backend."""
+    return _get().workspace
+
+
+def mpg_status() -> int | None:
+    """NVSHMEM's init status: 3 = limited MPG, 4 = full MPG; None on the torch backend."""
+    state = _get()
+    return load_extension().init_status() if state.backend == "nvshmem" else None
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)):
+        raise TypeError(f"empty: shape must be a tuple of ints, got {type(shape).__name__}")
+    for i, n in enumerate(shape):
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"empty: shape[{i}] must be an int, got {n!r}")
+        if n < 0:
+            raise ValueError(f"empty: shape[{i}] must be >= 0, got {n}")
+    return tuple(shape)
+
+
+def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor on the symmetric heap (nvshmem backend) or a plain tensor (torch backend).
+
+    Collective on the nvshmem backend: every rank must allocate the same shapes in the same order.
+    The tensor lives until free(t) or finalize().
+    """
+    shape = _check_shape(shape)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"empty: dtype must be a torch.dtype, got {dtype!r}")
+    return _allocate(_get(), shape, dtype)
+
+
+def _allocation_of(t: torch.Tensor) -> torch.Tensor | None:
+    state = _get()
+    if not isinstance(t, torch.Tensor) or t.device != state.device:
+        return None
+    return state.symmetric.get(t.untyped_storage().data_ptr())
+
+
+def is_symmetric(t: torch.Tensor) -> bool:
+    """Whether t lives in a tensor made by symcomm.empty (or is a view of one)."""
+    return _allocation_of(t) is not None
+
+
+def free(t: torch.Tensor) -> None:
+    """Frees a tensor made by symcomm.empty. Collective on the nvshmem backend."""
+    state = _get()
+    raw = _allocation_of(t)
+    if raw is None or raw is state.workspace:
+        raise ValueError("free: t is not a live tensor allocated by symcomm.empty (freed already, or not symmetric)")
+    _free(state, raw)

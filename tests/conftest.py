@@ -1,0 +1,44 @@
+"""Shared test fixtures. Tests marked `dist` run once per rank under torchrun (tests/run.py runs them
+at world 1, 2 and 4); run with plain pytest they run as a world of one."""
+
+import os
+import random
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symcomm
+from harness import RankInfo
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "dist: runs on every rank under torchrun (world 1, 2, 4)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the nvshmem backend")
+    rank = os.environ.get("RANK")
+    if rank is not None and config.option.xmlpath:
+        config.option.xmlpath = config.option.xmlpath.replace("{rank}", rank)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """symcomm initialised once per process, on SYMCOMM_TEST_BACKEND (default auto)."""
+    symcomm.init(backend=os.environ.get("SYMCOMM_TEST_BACKEND", "auto"))
+    # One seed per session, the same on every rank, so each rank can rebuild every rank's inputs.
+    box = [int(os.environ.get("SYMCOMM_TEST_SEED", random.randrange(2**31)))]
+    dist.broadcast_object_list(box, src=0)
+    info = RankInfo(symcomm.rank(), symcomm.world_size(), symcomm.device(), symcomm.backend(), box[0])
+    if info.rank == 0:
+        print(f"\nsymcomm tests: backend={info.backend} world={info.world_size} device={info.device} "
+              f"SYMCOMM_TEST_SEED={info.seed}")
+    yield info
+    symcomm.finalize()
+
+
+@pytest.fixture
+def gen(world, request):
+    """A generator seeded from the session seed and the test id: fresh per test, equal on all ranks."""
+    g = torch.Generator()
+    g.manual_seed(world.seed ^ zlib.crc32(request.node.nodeid.encode()))
+    return g

@@ -1,0 +1,51 @@
+"""Helpers shared by the test files: rank info, inputs for every rank, references, tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Relative error of the norm, ||out - ref|| / ||ref||, against a float64 reference.
+TOLERANCE = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    seed: int
+
+
+def every_rank(gen: torch.Generator, world_size: int, shape, dtype, device) -> list[torch.Tensor]:
+    """One random tensor per rank (the same list on every rank): normal floats, or small nonzero-mean
+    integers for integer and float8 dtypes so that sums and copies can be compared exactly."""
+    out = []
+    for _ in range(world_size):
+        if dtype.is_floating_point and dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            t = torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            t = torch.randint(1, 8, shape, generator=gen, dtype=torch.int64)
+        out.append(t.to(dtype).to(device))
+    return out
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    if torch.isnan(out64).any():
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    tol = TOLERANCE[dtype or out.dtype]
+    err = rel_error(out, ref)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.1g} ({out.dtype})"

@@ -1,0 +1,166 @@
+"""Runs every symcomm test suite and prints one summary.
+
+    python tests/run.py                 # CPU suites at world 1, 2, 4 (+ GPU suites if a GPU is visible)
+    python tests/run.py --gpu only      # just the GPU suites (several PEs share one GPU if needed)
+    python tests/run.py --worlds 2 -k all_reduce
+
+Steps: single-process tests (`-m "not dist"`), then the `dist` tests under torchrun once per world
+size on the torch backend with CPU tensors (gloo), then, with a GPU, the same tests on the nvshmem
+backend. Each run has a time limit so a hang cannot eat the whole job; every rank's output is kept,
+and the log of any rank that failed is printed in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+
+
+@dataclass
+class Result:
+    name: str
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    crashed: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.crashed
+
+
+def count_junit(paths: list[Path]) -> tuple[int, int, int]:
+    """(passed, failed, skipped) over the ranks' junit files; a test counts once, failed if any rank failed."""
+    outcome: dict[str, str] = {}
+    for path in paths:
+        for case in ET.parse(path).getroot().iter("testcase"):
+            key = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                state = "failed"
+            elif case.find("skipped") is not None:
+                state = "skipped"
+            else:
+                state = "passed"
+            if key not in outcome or state == "failed":
+                outcome[key] = state
+    states = list(outcome.values())
+    return states.count("passed"), states.count("failed"), states.count("skipped")
+
+
+def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_dir: Path | None, timeout: float) -> Result:
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    result = Result(name)
+    # Own process group, so that a timeout kills torchrun and every rank it started.
+    proc = subprocess.Popen(cmd, env=env, cwd=TESTS.parent, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        result.crashed = f"timed out after {timeout:.0f} s"
+    result.seconds = time.monotonic() - start
+    found = [p for p in junit if p.exists()]
+    if found:
+        result.passed, result.failed, result.skipped = count_junit(found)
+    if len(found) < len(junit) and not result.crashed:
+        result.crashed = f"exit code {proc.returncode}, {len(junit) - len(found)} rank(s) wrote no report"
+    if proc.returncode not in (0, 1) and not result.crashed:
+        result.crashed = f"exit code {proc.returncode}"
+    if result.ok:
+        tail = [line for line in out.splitlines() if line.startswith("symcomm tests:") or " passed" in line]
+        print("\n".join(tail[-3:]) if tail else out[-2000:])
+    else:
+        print(out)
+        for log in sorted(log_dir.rglob("*.log")) if log_dir else []:
+            print(f"--- {log.relative_to(log_dir)}\n{log.read_text(errors='replace')}")
+    status = "ok" if result.ok else f"FAILED {result.crashed}".strip()
+    print(f"=== {name}: {result.passed} passed, {result.failed} failed, {result.skipped} skipped "
+          f"in {result.seconds:.0f} s [{status}]", flush=True)
+    return result
+
+
+def pytest_args(marker: str, junit: Path, extra: list[str]) -> list[str]:
+    return ["-m", "pytest", str(TESTS), "-m", marker, "-q", "-rfEs", f"--junitxml={junit}", *extra]
+
+
+def single(work: Path, extra: list[str], timeout: float) -> Result:
+    junit = work / "single.xml"
+    return run("single-process", [sys.executable, *pytest_args("not dist", junit, extra)],
+               dict(os.environ), [junit], None, timeout)
+
+
+def distributed(work: Path, world: int, gpu: bool, extra: list[str], timeout: float) -> Result:
+    kind = "gpu" if gpu else "cpu"
+    out = work / f"{kind}-w{world}"
+    out.mkdir()
+    env = dict(os.environ)
+    if gpu:
+        env["SYMCOMM_TEST_BACKEND"] = "nvshmem"
+        marker = "dist"
+        if "CUDA_MPS_PIPE_DIRECTORY" in env:
+            # Under MPS each PE gets an equal share of the SMs; shares summing to <= 100 are what
+            # lets NVSHMEM run in full MPG mode (kernels of different PEs run concurrently).
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
+    else:
+        env["SYMCOMM_TEST_BACKEND"] = "torch"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        marker = "dist and not gpu"
+    env.setdefault("SYMCOMM_TIMEOUT_S", "120")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--log-dir", str(out / "logs"),
+           "--redirects", "3", "--tee", "0:3", *pytest_args(marker, out / "rank{rank}.xml", extra)]
+    junit = [out / f"rank{r}.xml" for r in range(world)]
+    return run(f"{kind} world {world}", cmd, env, junit, out / "logs", timeout)
+
+
+def gpu_present() -> bool:
+    probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worlds", default="1,2,4", help="torchrun world sizes (default 1,2,4)")
+    parser.add_argument("--gpu", choices=("auto", "yes", "no", "only"), default="auto",
+                        help="GPU suites: auto = when a GPU is visible")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
+    parser.add_argument("--keep", metavar="DIR", help="keep logs and junit files in DIR")
+    args, extra = parser.parse_known_args()
+    worlds = [int(w) for w in args.worlds.split(",")]
+    gpu = args.gpu in ("yes", "only") or (args.gpu == "auto" and gpu_present())
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="symcomm-tests-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    if args.gpu != "only":
+        results.append(single(work, extra, args.timeout))
+        results += [distributed(work, w, False, extra, args.timeout) for w in worlds]
+    if gpu:
+        results += [distributed(work, w, True, extra, args.timeout) for w in worlds]
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print("\n" + "\n".join(f"{r.name:>16}: {r.passed:4d} passed {r.failed:3d} failed {r.skipped:3d} skipped "
+                           f"{r.seconds:6.0f} s {'' if r.ok else 'FAILED ' + r.crashed}" for r in results))
+    passed = sum(r.passed for r in results)
+    # A run that crashed or timed out counts as one failure on top of the tests it reported.
+    failed = sum(r.failed + bool(r.crashed) for r in results)
+    print(f"total: {passed} passed, {failed} failed, {sum(r.skipped for r in results)} skipped")
+    return 0 if failed == 0 and passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

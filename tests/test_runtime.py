@@ -1,0 +1,128 @@
+"""init / finalize / empty / free, and the errors of calls made at the wrong time."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import symcomm
+
+
+@pytest.fixture
+def fresh():
+    """No symcomm state during the test; a session's world (plain pytest runs everything in one
+    process) is stopped before and restarted after."""
+    session = symcomm.runtime._state.init_args if symcomm.is_initialized() else None
+    symcomm.finalize()
+    yield
+    symcomm.finalize()
+    if session:
+        symcomm.init(*session)
+
+
+def test_calls_before_init_raise(fresh):
+    x = torch.randn(4)
+    for call in (symcomm.rank, symcomm.world_size, symcomm.backend, lambda: symcomm.empty((2,)),
+                 lambda: torch.ops.symcomm.all_reduce(x), lambda: torch.ops.symcomm.all_gather(x, 0)):
+        with pytest.raises(symcomm.NotInitializedError, match=r"call symcomm.init\(\) first"):
+            call()
+
+
+def test_init_twice_same_args_is_a_no_op_different_args_raise(fresh):
+    assert symcomm.init(backend="torch") == "torch"
+    assert symcomm.init(backend="torch") == "torch"
+    with pytest.raises(RuntimeError, match="already initialised"):
+        symcomm.init(backend="torch", workspace_bytes=1 << 20)
+
+
+def test_finalize_twice_is_a_no_op_and_ops_raise_after_it(fresh):
+    symcomm.init(backend="torch")
+    symcomm.finalize()
+    symcomm.finalize()
+    with pytest.raises(symcomm.NotInitializedError):
+        torch.ops.symcomm.all_reduce(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"backend": "mpi"}, ValueError, "backend must be one of"),
+        ({"workspace_bytes": 0}, ValueError, "workspace_bytes must be a positive int"),
+        ({"workspace_bytes": 1.5}, ValueError, "workspace_bytes must be a positive int"),
+        ({"timeout_s": -1}, ValueError, "timeout_s must be a positive number"),
+    ],
+)
+def test_init_rejects_bad_arguments(fresh, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        symcomm.init(**kwargs)
+    assert not symcomm.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_nvshmem_backend_without_gpu_says_why(fresh):
+    with pytest.raises(RuntimeError, match="nvshmem backend is unavailable.*no CUDA GPU"):
+        symcomm.init(backend="nvshmem")
+    assert not symcomm.is_initialized()
+    assert symcomm.init(backend="auto") == "torch"
+
+
+@pytest.mark.parametrize(
+    "shape, error, match",
+    [((-1, 2), ValueError, r"shape\[0\] must be >= 0"), ((2, 1.5), TypeError, r"shape\[1\] must be an int"),
+     ("3", TypeError, "shape must be a tuple of ints")],
+)
+def test_empty_rejects_bad_shapes(fresh, shape, error, match):
+    symcomm.init(backend="torch")
+    with pytest.raises(error, match=match):
+        symcomm.empty(shape)
+
+
+def test_empty_free_and_is_symmetric(fresh):
+    symcomm.init(backend="torch")
+    t = symcomm.empty((3, 5), torch.bfloat16)
+    z = symcomm.empty((0,), torch.float32)
+    assert t.shape == (3, 5) and t.dtype == torch.bfloat16 and t.is_contiguous()
+    assert symcomm.is_symmetric(t) and symcomm.is_symmetric(t[1:]) and symcomm.is_symmetric(z)
+    plain = torch.empty(3, 5)
+    assert not symcomm.is_symmetric(plain)
+    with pytest.raises(ValueError, match="not a live tensor allocated by symcomm.empty"):
+        symcomm.free(plain)
+    symcomm.free(t)
+    symcomm.free(z)
+    with pytest.raises(ValueError, match="freed already"):
+        symcomm.free(t)
+
+
+EVERY_RANK = textwrap.dedent(
+    """
+    import os, torch, symcomm
+    rank = int(os.environ["RANK"])
+    def outcome(call):
+        try:
+            call()
+            return "ok"
+        except Exception as e:
+            return type(e).__name__
+    before = outcome(lambda: torch.ops.symcomm.all_reduce(torch.randn(4)))
+    nvshmem = outcome(lambda: symcomm.init(backend="nvshmem"))
+    symcomm.init(backend="torch")
+    bad = outcome(lambda: torch.ops.symcomm.reduce_scatter(torch.randn(3, 2), 0))
+    symcomm.finalize()
+    print(f"rank {rank}: before={before} nvshmem={nvshmem} bad={bad}", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error under torchrun")
+def test_errors_reach_every_rank(tmp_path):
+    script = tmp_path / "every_rank.py"
+    script.write_text(EVERY_RANK)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", str(script)],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: before=NotInitializedError nvshmem=RuntimeError bad=ValueError" in out.stdout, out.stdout
