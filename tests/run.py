@@ -78,7 +78,8 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
         result.passed, result.failed, result.skipped = count_junit(found)
     if len(found) < len(junit) and not result.crashed:
         result.crashed = f"exit code {proc.returncode}, {len(junit) - len(found)} rank(s) wrote no report"
-    if proc.returncode not in (0, 1) and not result.crashed:
+    # pytest: 0 passed, 1 tests failed, 5 nothing selected; anything else is a crash.
+    if proc.returncode not in (0, 1, 5) and not result.crashed:
         result.crashed = f"exit code {proc.returncode}"
     if result.ok:
         tail = [line for line in out.splitlines() if line.startswith("symcomm tests:") or " passed" in line]
@@ -97,10 +98,11 @@ def pytest_args(marker: str, junit: Path, extra: list[str]) -> list[str]:
     return ["-m", "pytest", str(TESTS), "-m", marker, "-q", "-rfEs", f"--junitxml={junit}", *extra]
 
 
-def single(work: Path, extra: list[str], timeout: float) -> Result:
-    junit = work / "single.xml"
-    return run("single-process", [sys.executable, *pytest_args("not dist", junit, extra)],
-               dict(os.environ), [junit], None, timeout)
+def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
+    name = "gpu single-process" if gpu else "single-process"
+    junit = work / f"{name.replace(' ', '-')}.xml"
+    marker = "gpu and not dist" if gpu else "not dist and not gpu"
+    return run(name, [sys.executable, *pytest_args(marker, junit, extra)], dict(os.environ), [junit], None, timeout)
 
 
 def distributed(work: Path, world: int, gpu: bool, extra: list[str], timeout: float) -> Result:
@@ -146,9 +148,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.gpu != "only":
-        results.append(single(work, extra, args.timeout))
+        results.append(single(work, False, extra, args.timeout))
         results += [distributed(work, w, False, extra, args.timeout) for w in worlds]
     if gpu:
+        results.append(single(work, True, extra, args.timeout))
         results += [distributed(work, w, True, extra, args.timeout) for w in worlds]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m symcomm.bench --help (run under torchrun)."""

@@ -1,0 +1,157 @@
+"""Timing, cross-rank aggregation and reporting shared by every benchmark."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from symcomm import runtime
+
+
+@dataclass
+class Row:
+    op: str
+    bytes: int
+    count: int
+    dtype: str
+    time_us: float  # median over iterations, max over ranks
+    algbw_gbs: float
+    busbw_gbs: float
+    baseline_us: float
+    speedup: float  # baseline time / our time
+    correct: bool
+
+
+def parse_bytes(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B")
+    unit = text[-1] if text and text[-1] in units else ""
+    try:
+        return int(float(text.removesuffix(unit)) * units[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 1024, 64K, 256M, 1G)") from None
+
+
+def size_sweep(lo: int, hi: int, factor: int) -> list[int]:
+    sizes, n = [], lo
+    while n <= hi:
+        sizes.append(n)
+        n *= factor
+    return sizes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_us(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median wall time of one call, in microseconds, with all ranks starting each call together."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        _sync(device)
+        dist.barrier()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def max_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """The two physical ceilings every GPU number is read against, measured now on this GPU."""
+    if device.type != "cuda":
+        return {}
+    n = 1 << 28  # 256 MiB: far past the L2
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = time_us(lambda: dst.copy_(src), device, 3, 20)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm = time_us(lambda: a @ b, device, 3, 10)
+    return {"d2d_copy_gbs": 2 * n / copy / 1e3, "bf16_matmul_tflops": 2 * 8192**3 / mm / 1e6}
+
+
+def environment() -> dict[str, object]:
+    dev = runtime.device()
+    info: dict[str, object] = {
+        "backend": runtime.backend(),
+        "world_size": runtime.world_size(),
+        "device": str(dev),
+        "torch": torch.__version__,
+        "pg_backend": str(dist.get_backend()),
+    }
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["mpg_status"] = runtime.mpg_status()
+        info["ranks_share_gpu"] = runtime.shared_gpu()
+    return info
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'size (B)':>12} {'count':>11} {'dtype':>9} {'time (us)':>11} {'algbw GB/s':>11} "
+            f"{'busbw GB/s':>11} {'base (us)':>11} {'speedup':>8} {'check':>6}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r.bytes:>12} {r.count:>11} {r.dtype:>9} {r.time_us:>11.1f} {r.algbw_gbs:>11.2f} "
+                     f"{r.busbw_gbs:>11.2f} {r.baseline_us:>11.1f} {r.speedup:>8.2f} {'ok' if r.correct else 'WRONG':>6}")
+    return "\n".join(lines)
+
+
+def write(out_dir: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+    with paths[1].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        w.writerows(asdict(r) for r in rows)
+    _plot(paths[2], stem, rows, header, baseline)
+    return paths
+
+
+def _plot(path: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = [r.bytes for r in rows]
+    ax.plot(sizes, [r.busbw_gbs for r in rows], "o-", label=f"symcomm ({header['backend']})")
+    baseline_busbw = [r.busbw_gbs * r.time_us / r.baseline_us for r in rows]
+    ax.plot(sizes, baseline_busbw, "s--", label=f"baseline ({baseline})")
+    if "d2d_copy_gbs" in header:
+        ax.axhline(header["d2d_copy_gbs"], color="grey", lw=0.8, label="device-to-device copy")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("message size (bytes)")
+    ax.set_ylabel("bus bandwidth (GB/s)")
+    ax.set_title(f"{stem}: {header.get('gpu', header['device'])}, {header['world_size']} ranks")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,100 @@
+"""The NVSHMEM sanity suite: bring-up on the nvshmem backend, one mechanism per test.
+
+Runs on the GPU (tests/run.py --gpu only), at 1, 2 and 4 PEs; several PEs may share one GPU.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import symcomm
+from symcomm import runtime, sanity
+
+pytestmark = pytest.mark.gpu
+
+
+def random_symmetric(world, gen, shape, dtype=torch.float32):
+    """A symmetric tensor holding this rank's slice of random data, and every rank's data."""
+    data = [torch.randn(shape, generator=gen).to(dtype) for _ in range(world.world_size)]
+    t = symcomm.empty(shape, dtype)
+    t.copy_(data[world.rank])
+    return t, data
+
+
+@pytest.mark.dist
+def test_mpg_status_and_symmetric_heap(world):
+    status = runtime.mpg_status()
+    print(f"rank {world.rank}: NVSHMEM init status {status} ({ {3: 'limited MPG', 4: 'full MPG'}.get(status, 'one PE per GPU') })")
+    assert status >= 2
+    t = symcomm.empty((1000,), torch.float32)
+    assert t.is_cuda and t.device == world.device and symcomm.is_symmetric(t)
+    symcomm.free(t)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("nbytes", [4, 4100, 1 << 20])
+def test_ring_put_with_signal(world, gen, nbytes):
+    n = nbytes // 4
+    dst = symcomm.empty((n,), torch.float32)
+    dst.fill_(float("nan"))
+    signal = symcomm.empty((1,), torch.int64)
+    signal.zero_()
+    sanity.barrier_all()  # every rank's signal is zero before anyone puts
+    left = (world.rank - 1) % world.world_size
+    for epoch in (1, 2, 3):
+        data = [torch.randn(n, generator=gen) for _ in range(world.world_size)]
+        src = data[world.rank].to(world.device)
+        sanity.ring_put_signal(src, dst, signal, epoch)
+        torch.testing.assert_close(dst.cpu(), data[left], rtol=0, atol=0)
+        # Nobody may overwrite a neighbour's dst before that neighbour has read it.
+        sanity.barrier_all()
+    symcomm.free(dst)
+    symcomm.free(signal)
+
+
+@pytest.mark.dist
+def test_peer_pointer_load_reads_every_peer(world, gen):
+    t, data = random_symmetric(world, gen, (3, 1001))
+    sanity.barrier_all()
+    for pe in range(world.world_size):
+        got = sanity.peer_load(t, pe)
+        assert got is not None, f"PE {pe} is not reachable through nvshmem_ptr from PE {world.rank}"
+        torch.testing.assert_close(got.cpu(), data[pe], rtol=0, atol=0)
+    sanity.barrier_all()
+    symcomm.free(t)
+
+
+@pytest.mark.dist
+def test_sanity_rejects_non_symmetric_tensors(world):
+    plain = torch.zeros(1, dtype=torch.int64, device=world.device)
+    with pytest.raises(ValueError, match="flag must be a symmetric tensor"):
+        sanity.wait_flag(plain, 1)
+    with pytest.raises(ValueError, match="pe must be in"):
+        sanity.peer_load(symcomm.runtime.workspace(), world.world_size)
+
+
+TIMEOUT_SCRIPT = textwrap.dedent(
+    """
+    import torch, symcomm
+    from symcomm import sanity
+    symcomm.init(backend="nvshmem", timeout_s=1.0)
+    flag = symcomm.empty((1,), torch.int64)
+    flag.zero_()
+    sanity.wait_flag(flag, 1)   # nobody ever sets it
+    torch.cuda.synchronize()
+    """
+)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_wait_times_out_naming_the_rank(tmp_path):
+    script = tmp_path / "timeout.py"
+    script.write_text(TIMEOUT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "symcomm: PE 0 timed out after 1.0 s waiting for sanity wait" in out.stdout + out.stderr, out.stderr[-3000:]
