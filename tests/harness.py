@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Relative error of the norm, ||out - ref|| / ||ref||, against a float64 reference.
+# Error bound ||out - ref|| / ||scale|| against a float64 reference, where scale is what rounding
+# errors are proportional to: the reference itself for copies, sum_r |x_r| for sums (a sum that
+# cancels to nearly zero still carries the rounding of its partial sums), |a| @ |b| for products.
 TOLERANCE = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
@@ -37,15 +39,29 @@ def every_rank(gen: torch.Generator, world_size: int, shape, dtype, device) -> l
     return out
 
 
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_error(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
     out64, ref64 = out.double().cpu(), ref.double().cpu()
     if torch.isnan(out64).any():
         return float("inf")
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
+    norm = (ref64 if scale is None else scale.double().cpu()).norm()
+    return float((out64 - ref64).norm() / norm.clamp_min(1e-300))
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+def assert_close(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None, *,
+                 dtype: torch.dtype | None = None) -> None:
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     tol = TOLERANCE[dtype or out.dtype]
-    err = rel_error(out, ref)
+    err = rel_error(out, ref, scale)
     assert err <= tol, f"relative error {err:.3g} > {tol:.1g} ({out.dtype})"
+
+
+def sum_ref(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 sum of every rank's tensor, and the scale of its rounding error."""
+    return sum(x.double() for x in xs), sum(x.double().abs() for x in xs)
+
+
+def gemm_ref(a_all: list[torch.Tensor], b_all: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_r a_r @ b_r in float64, and the scale of its rounding error, sum_r |a_r| @ |b_r|."""
+    ref = sum(a.double() @ b.double() for a, b in zip(a_all, b_all))
+    scale = sum(a.double().abs() @ b.double().abs() for a, b in zip(a_all, b_all))
+    return ref, scale

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness import assert_close, every_rank
+from harness import assert_close, every_rank, gemm_ref, sum_ref
 
 pytestmark = pytest.mark.dist
 
@@ -33,7 +33,7 @@ def test_all_reduce(world, gen, shape, dtype):
     keep = x.clone()
     out = ops.all_reduce(x)
     assert out.dtype == dtype
-    assert_close(out, sum(t.double() for t in xs), dtype)
+    assert_close(out, *sum_ref(xs), dtype=dtype)
     assert torch.equal(x, keep), "all_reduce changed its input"
 
 
@@ -50,8 +50,8 @@ def test_reduce_scatter(world, gen, dim, shape, dtype):
     shape = list(shape)
     shape[dim] *= world.world_size  # divisible at every world size
     xs, x = inputs(world, gen, shape, dtype)
-    ref = sum(t.double() for t in xs).chunk(world.world_size, dim)[world.rank]
-    assert_close(ops.reduce_scatter(x, dim), ref, dtype)
+    ref, scale = (t.chunk(world.world_size, dim)[world.rank] for t in sum_ref(xs))
+    assert_close(ops.reduce_scatter(x, dim), ref, scale, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", REDUCE + MOVE_ONLY)
@@ -68,8 +68,10 @@ def test_gemm_all_reduce(world, gen, m, k, n, bias, dtype):
     a_all, a = inputs(world, gen, (m, k), dtype)
     b_all, b = inputs(world, gen, (k, n), dtype)
     c = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype).to(world.device) if bias else None
-    ref = sum(ai.double() @ bi.double() for ai, bi in zip(a_all, b_all)) + (c.double() if bias else 0)
-    assert_close(ops.gemm_all_reduce(a, b, c), ref, dtype)
+    ref, scale = gemm_ref(a_all, b_all)
+    if bias:
+        ref, scale = ref + c.double(), scale + c.double().abs()
+    assert_close(ops.gemm_all_reduce(a, b, c), ref, scale, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", REDUCE)
@@ -77,8 +79,8 @@ def test_gemm_all_reduce(world, gen, m, k, n, bias, dtype):
 def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype):
     a_all, a = inputs(world, gen, (m_per_rank * world.world_size, k), dtype)
     b_all, b = inputs(world, gen, (k, n), dtype)
-    full = sum(ai.double() @ bi.double() for ai, bi in zip(a_all, b_all))
-    assert_close(ops.gemm_reduce_scatter(a, b), full.chunk(world.world_size, 0)[world.rank], dtype)
+    ref, scale = (t.chunk(world.world_size, 0)[world.rank] for t in gemm_ref(a_all, b_all))
+    assert_close(ops.gemm_reduce_scatter(a, b), ref, scale, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", REDUCE)
@@ -86,20 +88,20 @@ def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype):
 def test_all_gather_gemm(world, gen, m, k, n, dtype):
     a_all, a = inputs(world, gen, (m, k), dtype)
     b_all, b = inputs(world, gen, (k, n), dtype)
-    assert_close(ops.all_gather_gemm(a, b), torch.cat(a_all).double() @ b.double(), dtype)
+    assert_close(ops.all_gather_gemm(a, b), *gemm_ref([torch.cat(a_all)], [b]), dtype=dtype)
 
 
 def test_back_to_back_calls_never_see_stale_data(world, gen):
     for _ in range(50):
         n = int(torch.randint(1, 300, (1,), generator=gen))
         xs, x = inputs(world, gen, (n,), torch.float32)
-        assert_close(ops.all_reduce(x), sum(t.double() for t in xs), torch.float32)
+        assert_close(ops.all_reduce(x), *sum_ref(xs), dtype=torch.float32)
         exact(ops.all_gather(x, 0), torch.cat(xs))
 
 
 def test_non_contiguous_inputs_are_copied(world, gen):
     xs, x = inputs(world, gen, (6, 4 * world.world_size), torch.float32)
-    assert_close(ops.all_reduce(x.t()), sum(t.double() for t in xs).t(), torch.float32)
+    assert_close(ops.all_reduce(x.t()), *(t.t() for t in sum_ref(xs)), dtype=torch.float32)
     exact(ops.all_gather(x.t(), 1), torch.cat([t.t() for t in xs], 1))
 
 
