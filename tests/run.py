@@ -140,6 +140,7 @@ def main() -> int:
                         help="GPU suites: auto = when a GPU is visible")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run (default 900)")
     parser.add_argument("--keep", metavar="DIR", help="keep logs and junit files in DIR")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-process suites")
     args, extra = parser.parse_known_args()
     worlds = [int(w) for w in args.worlds.split(",")]
     gpu = args.gpu in ("yes", "only") or (args.gpu == "auto" and gpu_present())
@@ -148,10 +149,12 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.gpu != "only":
-        results.append(single(work, False, extra, args.timeout))
+        if not args.no_single:
+            results.append(single(work, False, extra, args.timeout))
         results += [distributed(work, w, False, extra, args.timeout) for w in worlds]
     if gpu:
-        results.append(single(work, True, extra, args.timeout))
+        if not args.no_single:
+            results.append(single(work, True, extra, args.timeout))
         results += [distributed(work, w, True, extra, args.timeout) for w in worlds]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

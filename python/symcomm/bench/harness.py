@@ -53,14 +53,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_us(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of one call, in microseconds, with all ranks starting each call together."""
+def time_us(fn: Callable[[], object], device: torch.device, warmup: int, iters: int, together: bool = True) -> float:
+    """Median wall time of one call, in microseconds; with `together`, all ranks start each call at once."""
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(iters):
         _sync(device)
-        dist.barrier()
+        if together:
+            dist.barrier()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -82,16 +83,18 @@ def max_over_ranks(value: float) -> float:
 
 
 def ceilings(device: torch.device) -> dict[str, float]:
-    """The two physical ceilings every GPU number is read against, measured now on this GPU."""
+    """The two physical ceilings every GPU number is read against, measured now on this GPU (no
+    process group needed): device-to-device copy bandwidth counting bytes read plus written, and the
+    bf16 8192^3 matmul rate, on random data."""
     if device.type != "cuda":
         return {}
     n = 1 << 28  # 256 MiB: far past the L2
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
-    copy = time_us(lambda: dst.copy_(src), device, 3, 20)
+    copy = time_us(lambda: dst.copy_(src), device, 3, 20, together=False)
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    mm = time_us(lambda: a @ b, device, 3, 10)
+    mm = time_us(lambda: a @ b, device, 3, 10, together=False)
     return {"d2d_copy_gbs": 2 * n / copy / 1e3, "bf16_matmul_tflops": 2 * 8192**3 / mm / 1e6}
 
 
