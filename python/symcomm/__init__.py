@@ -6,7 +6,8 @@
     symcomm.finalize()
 """
 
-from symcomm import ops  # noqa: F401  (registers torch.ops.symcomm.*)
+from symcomm import nn, ops  # noqa: F401  (ops registers torch.ops.symcomm.*)
+from symcomm.nn.sharding import shard_state_dict
 from symcomm.runtime import (
     NotInitializedError,
     backend,
@@ -31,6 +32,8 @@ __all__ = [
     "init",
     "is_initialized",
     "is_symmetric",
+    "nn",
     "rank",
+    "shard_state_dict",
     "world_size",
 ]

@@ -1,0 +1,1 @@
+"""A tensor-parallel Llama demo (python -m symcomm.demo) and the single-driver RPC runner it uses."""

@@ -1,0 +1,115 @@
+"""Llama self-attention: grouped-query heads, rotary position embeddings, causal mask; dense and
+tensor-parallel by heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from symcomm import runtime
+from symcomm.nn.linear import ColumnParallelLinear, RowParallelLinear
+from symcomm.nn.sharding import kv_heads_of_rank, load_shards, shard_modules
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention, of x [B, S, heads, D] at positions [S] or [B, S]."""
+    dim = x.shape[-1]
+    # Angles in float64 so that low-precision runs lose nothing before the final cast.
+    inv_freq = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
+    angles = torch.cat((angles, angles), -1).unsqueeze(-2)
+    first, second = x.chunk(2, -1)
+    return x * angles.cos().to(x.dtype) + torch.cat((-second, first), -1) * angles.sin().to(x.dtype)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     theta: float) -> torch.Tensor:
+    """Causal softmax attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D]; returns [B, S, Hq * D]."""
+    q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+
+class _SelfAttention(nn.Module):
+    """The computation shared by the dense and the parallel module, over this module's heads."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float
+    sequence_first: bool
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.sequence_first:
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        seq = q.shape[1]
+        if positions is None:
+            positions = torch.arange(seq, device=x.device)
+        out = causal_attention(q.unflatten(-1, (self.heads, self.head_dim)),
+                               k.unflatten(-1, (self.kv_heads, self.head_dim)),
+                               v.unflatten(-1, (self.kv_heads, self.head_dim)), positions, self.rope_theta)
+        return self.o_proj(out.transpose(0, 1) if self.sequence_first else out)
+
+
+class Attention(_SelfAttention):
+    """Dense Llama attention on x [B, S, hidden] (the single-process reference)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
+                 rope_theta: float = 10000.0, bias: bool = False, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.rope_theta, self.sequence_first = rope_theta, False
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, **kw)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, **kw)
+
+
+class ParallelAttention(_SelfAttention):
+    """Llama attention split by heads: rank r computes query heads [r * H / N, (r + 1) * H / N) and
+    the kv heads they read (replicated when num_kv_heads < N); q, k, v are column-parallel and
+    o_proj row-parallel, so a forward pass does one reduction.
+
+    x is [B, S, hidden], or with sequence_parallel=True, sequence-first [S / N, B, hidden] holding
+    this rank's block of the sequence (and so is the output). positions ([S] or [B, S], default
+    0..S-1) are the rotary positions.
+
+    A replicated kv head's weight gradient on each rank covers that rank's query heads only: for
+    training, sum it over the ranks sharing the head, as for any replicated parameter.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
+                 rope_theta: float = 10000.0, bias: bool = False, sequence_parallel: bool = False, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        world = runtime.world_size()
+        kv = kv_heads_of_rank(num_heads, num_kv_heads, runtime.rank(), world)
+        self.heads, self.kv_heads = num_heads // world, len(kv)
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.rope_theta, self.sequence_first = rope_theta, sequence_parallel
+        kw = dict(bias=bias, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, **kw)
+        # out_features counts the replicas of kv heads, so that each rank's shard is its kv heads.
+        self.k_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, **kw)
+        self.v_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, **kw)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, **kw)
+
+    @classmethod
+    def from_dense(cls, *, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
+                   num_heads: int, num_kv_heads: int, rope_theta: float = 10000.0,
+                   sequence_parallel: bool = False) -> ParallelAttention:
+        """This rank's shard of a dense attention given by its four projections."""
+        if q_proj.out_features % num_heads:
+            raise ValueError(f"ParallelAttention: q_proj.out_features={q_proj.out_features} is not divisible by "
+                             f"num_heads={num_heads}")
+        module = cls(q_proj.in_features, num_heads, num_kv_heads, q_proj.out_features // num_heads, rope_theta,
+                     q_proj.bias is not None, sequence_parallel, device="meta", dtype=q_proj.weight.dtype)
+        dense = {"q_proj": q_proj, "k_proj": k_proj, "v_proj": v_proj, "o_proj": o_proj}
+        return load_shards(module, shard_modules("self_attn", dense, "full", num_heads=num_heads,
+                                                 num_kv_heads=num_kv_heads))
