@@ -4,6 +4,7 @@
 #include <non_abi/nvshmem_version.h>
 #include <pybind11/pybind11.h>
 
+#include "collectives/collectives.h"
 #include "core/device_state.h"
 #include "core/sanity.h"
 
@@ -12,6 +13,19 @@
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+// One signature for the three collective entry points: plain integers keep the per-call cost low.
+template <void (*Fn)(const symcomm::CollectiveCall&)>
+void call(std::uintptr_t workspace, std::uintptr_t src, std::int64_t src_pitch, int row, std::int64_t len,
+          std::uintptr_t dst, std::int64_t dst_pitch, std::int64_t result_offset, int dtype, bool vec16,
+          std::uintptr_t stream) {
+  Fn({workspace, src, src_pitch, row, len, dst, dst_pitch, result_offset, static_cast<symcomm::DType>(dtype),
+      vec16, stream});
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "symcomm CUDA/NVSHMEM kernels (pointer-level API; use symcomm.* instead)";
@@ -29,6 +43,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("found"), py::arg("stream"));
   m.def("barrier_all", &symcomm::barrier_all, py::arg("stream"));
   m.def("wait_flag", &symcomm::wait_flag, py::arg("flag"), py::arg("target"), py::arg("stream"));
+
+  const char* collective_doc =
+      "(workspace, src, src_pitch, row, len, dst, dst_pitch, result_offset, dtype, vec16, stream); sizes in bytes";
+  m.def("reduce", &call<symcomm::reduce>, collective_doc);
+  m.def("gather", &call<symcomm::gather>, collective_doc);
+  m.def("two_shot_all_reduce", &call<symcomm::two_shot_all_reduce>, collective_doc);
+  m.def("set_max_blocks", &symcomm::set_max_blocks, py::arg("n"));
+  m.attr("max_blocks") = symcomm::kMaxBlocks;
+  m.attr("max_peers") = symcomm::kMaxPeers;
+  m.def("workspace_data_offset", &symcomm::workspace_data_offset);
+  m.def("peers_reachable", &symcomm::peers_reachable, py::arg("workspace"));
 
   m.attr("nvshmem_version") = py::make_tuple(NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                                NVSHMEM_VENDOR_PATCH_VERSION);

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from symcomm import runtime
+from symcomm import collectives, runtime
 
 log = logging.getLogger("symcomm")
 
@@ -93,8 +93,10 @@ def check_matmul(op: str, a, b) -> None:
         raise ValueError(f"{op}: a.shape[1]={a.shape[1]} must equal b.shape[0]={b.shape[0]} (a is [M, K], b is [K, N])")
 
 
-def all_reduce_shape(x) -> tuple[int, ...]:
+def all_reduce_shape(x, algorithm="auto") -> tuple[int, ...]:
     check_tensor("all_reduce", "x", x, REDUCE_DTYPES)
+    if algorithm not in collectives.ALGORITHMS:
+        raise ValueError(f"all_reduce: algorithm must be one of {collectives.ALGORITHMS}, got {algorithm!r}")
     return tuple(x.shape)
 
 
@@ -170,7 +172,7 @@ def _empty_wire(shape, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
-def torch_all_reduce(x: torch.Tensor) -> torch.Tensor:
+def torch_all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     y = _wire(x)
     dist.all_reduce(y)
     return _unwire(y, x)
@@ -205,30 +207,45 @@ def torch_all_to_all(x: torch.Tensor) -> torch.Tensor:
     return _unwire(out, x)
 
 
-def torch_gemm_all_reduce(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = torch_all_reduce(a @ b)
-    return out if bias is None else out + bias
+def _gemm_ops(all_reduce, reduce_scatter, all_gather):
+    """The GEMM ops as a matmul plus a collective (the unfused baseline, and the nvshmem backend's path
+    until its fused kernels land)."""
+
+    def gemm_all_reduce(a, b, bias=None):
+        out = all_reduce(a @ b)
+        return out if bias is None else out + bias
+
+    def gemm_reduce_scatter(a, b):
+        return reduce_scatter(a @ b, 0)
+
+    def all_gather_gemm(a, b):
+        return all_gather(a, 0) @ b
+
+    return gemm_all_reduce, gemm_reduce_scatter, all_gather_gemm
 
 
-def torch_gemm_reduce_scatter(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch_reduce_scatter(a @ b, 0)
-
-
-def torch_all_gather_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch_all_gather(a, 0) @ b
+torch_gemm_all_reduce, torch_gemm_reduce_scatter, torch_all_gather_gemm = _gemm_ops(
+    torch_all_reduce, torch_reduce_scatter, torch_all_gather)
+nvshmem_gemm_all_reduce, nvshmem_gemm_reduce_scatter, nvshmem_all_gather_gemm = _gemm_ops(
+    collectives.all_reduce, collectives.reduce_scatter, collectives.all_gather)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration
 
 OPS = (
-    Op("all_reduce(Tensor x) -> Tensor", all_reduce_shape, torch_all_reduce),
-    Op("all_gather(Tensor x, int dim=0) -> Tensor", all_gather_shape, torch_all_gather),
-    Op("reduce_scatter(Tensor x, int dim=0) -> Tensor", reduce_scatter_shape, torch_reduce_scatter),
-    Op("all_to_all(Tensor x) -> Tensor", all_to_all_shape, torch_all_to_all),
-    Op("gemm_all_reduce(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", gemm_all_reduce_shape, torch_gemm_all_reduce),
-    Op("gemm_reduce_scatter(Tensor a, Tensor b) -> Tensor", gemm_reduce_scatter_shape, torch_gemm_reduce_scatter),
-    Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm),
+    Op("all_reduce(Tensor x, str algorithm='auto') -> Tensor", all_reduce_shape, torch_all_reduce,
+       collectives.all_reduce),
+    Op("all_gather(Tensor x, int dim=0) -> Tensor", all_gather_shape, torch_all_gather, collectives.all_gather),
+    Op("reduce_scatter(Tensor x, int dim=0) -> Tensor", reduce_scatter_shape, torch_reduce_scatter,
+       collectives.reduce_scatter),
+    Op("all_to_all(Tensor x) -> Tensor", all_to_all_shape, torch_all_to_all, collectives.all_to_all),
+    Op("gemm_all_reduce(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", gemm_all_reduce_shape,
+       torch_gemm_all_reduce, nvshmem_gemm_all_reduce),
+    Op("gemm_reduce_scatter(Tensor a, Tensor b) -> Tensor", gemm_reduce_scatter_shape, torch_gemm_reduce_scatter,
+       nvshmem_gemm_reduce_scatter),
+    Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm,
+       nvshmem_all_gather_gemm),
 )
 
 

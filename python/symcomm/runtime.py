@@ -92,11 +92,13 @@ def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "no CUDA GPU is visible to torch"
     try:
-        load_extension()
+        ext = load_extension()
     except ImportError as e:
         return f"the CUDA extension symcomm._C could not be loaded ({e}); was symcomm built with SYMCOMM_CUDA=OFF?"
     except OSError as e:
         return f"the NVSHMEM host library could not be loaded ({e})"
+    if dist.get_world_size() > ext.max_peers:
+        return f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_peers}"
     try:
         import nvshmem.core  # noqa: F401
     except Exception as e:  # nvshmem4py raises assorted errors when cuda-python is off
@@ -167,8 +169,25 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     box = [uid]
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
     nvshmem.core.init(device=cuda_device, uid=box[0], rank=state.rank, nranks=state.world_size, initializer_method="uid")
-    load_extension().init_device_state(state.timeout_s)
+    ext = load_extension()
+    ext.init_device_state(state.timeout_s)
     state.workspace = _allocate(state, (workspace_bytes,), torch.uint8)
+    unreachable = _agree(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not reachable "
+                         "by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
+    if any(unreachable):
+        raise RuntimeError("init(backend='nvshmem'): " + "; ".join(
+            f"rank {r}: {why}" for r, why in enumerate(unreachable) if why))
+    ext.set_max_blocks(_max_blocks(state.device))
+
+
+def _max_blocks(device: torch.device) -> int:
+    """Blocks per collective kernel: no more than this rank's share of the SMs, so that the blocks of
+    every rank can run at once (their barriers wait for each other); the same number on every rank."""
+    share = _env_int("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") or 100
+    sms = torch.cuda.get_device_properties(device).multi_processor_count * share // 100
+    agreed = torch.tensor([max(1, min(sms, load_extension().max_blocks))])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return int(agreed)
 
 
 def _allocate(state: _State, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

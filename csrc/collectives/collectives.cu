@@ -1,0 +1,274 @@
+#include "collectives/collectives.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <nvshmem.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "core/launch.cuh"
+#include "core/workspace.cuh"
+
+namespace symcomm {
+namespace {
+
+constexpr int kThreads = 512;
+int g_max_blocks = 32;
+
+// Everything a collective kernel needs; sizes here are in elements of the kernel's type.
+struct Args {
+  Workspace ws;
+  int npes;
+  Payload mine;  // this PE's input for this call, told to every peer at the first barrier
+  int row;
+  std::int64_t len;
+  char* dst;
+  std::int64_t dst_pitch;  // bytes
+  std::int64_t result_offset;
+};
+
+template <typename T>
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// The raw type of a given size, for loads that bypass L1: a peer's data must come from L2 or the
+// peer, never from a line this SM cached before the peer wrote it.
+template <int Bytes> struct Raw;
+template <> struct Raw<1> { using type = unsigned char; };
+template <> struct Raw<2> { using type = unsigned short; };
+template <> struct Raw<4> { using type = unsigned int; };
+template <> struct Raw<8> { using type = unsigned long long; };
+template <> struct Raw<16> { using type = uint4; };
+
+template <typename V>
+__device__ __forceinline__ V load_cg(const V* p) {
+  using R = typename Raw<sizeof(V)>::type;
+  const R r = __ldcg(reinterpret_cast<const R*>(p));
+  return *reinterpret_cast<const V*>(&r);
+}
+
+// This block's share [lo, hi) of [0, len). Boundaries fall on multiples of `align` elements so that
+// vector accesses stay aligned, and every PE computes the same split, so block b of one PE reads
+// exactly what block b of another PE produced.
+__device__ __forceinline__ void block_range(std::int64_t len, int align, std::int64_t& lo, std::int64_t& hi) {
+  const std::int64_t units = len / align;
+  lo = units * blockIdx.x / gridDim.x * align;
+  hi = blockIdx.x + 1 == gridDim.x ? len : units * (blockIdx.x + 1) / gridDim.x * align;
+}
+
+__device__ __forceinline__ const char* peer_input(const Args& a, const Payload& p, int q) {
+  return static_cast<const char*>(nvshmem_ptr(a.ws.base + p.offset, q)) + a.row * p.pitch;
+}
+
+// dst[i] = sum_q src[q][i] for i in [lo, hi): N-wide vectors, then a scalar tail.
+// Inlined so that src[] is indexed by constants only and stays in registers.
+template <typename T, int N>
+__device__ __forceinline__ void sum_range(const T* const* src, int npes, T* dst, std::int64_t lo, std::int64_t hi) {
+  const std::int64_t vec_hi = lo + (hi - lo) / N * N;
+  for (std::int64_t i = lo + threadIdx.x * N; i < vec_hi; i += blockDim.x * N) {
+    Vec<T, N> in[kMaxPeers];
+    // All loads first, so the peers' latencies overlap.
+#pragma unroll
+    for (int q = 0; q < kMaxPeers; ++q)
+      if (q < npes) in[q] = load_cg(reinterpret_cast<const Vec<T, N>*>(src[q] + i));
+    Acc<T> acc[N] = {};
+#pragma unroll
+    for (int q = 0; q < kMaxPeers; ++q)
+      if (q < npes) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) acc[k] += static_cast<Acc<T>>(in[q].v[k]);
+      }
+    Vec<T, N> out;
+#pragma unroll
+    for (int k = 0; k < N; ++k) out.v[k] = static_cast<T>(acc[k]);
+    *reinterpret_cast<Vec<T, N>*>(dst + i) = out;
+  }
+  for (std::int64_t i = vec_hi + threadIdx.x; i < hi; i += blockDim.x) {
+    Acc<T> acc = 0;
+#pragma unroll
+    for (int q = 0; q < kMaxPeers; ++q)
+      if (q < npes) acc += static_cast<Acc<T>>(load_cg(src[q] + i));
+    dst[i] = static_cast<T>(acc);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void copy_range(const T* src, T* dst, std::int64_t lo, std::int64_t hi) {
+  const std::int64_t vec_hi = lo + (hi - lo) / N * N;
+  for (std::int64_t i = lo + threadIdx.x * N; i < vec_hi; i += blockDim.x * N)
+    *reinterpret_cast<Vec<T, N>*>(dst + i) = load_cg(reinterpret_cast<const Vec<T, N>*>(src + i));
+  for (std::int64_t i = vec_hi + threadIdx.x; i < hi; i += blockDim.x) dst[i] = load_cg(src + i);
+}
+
+// Every collective kernel starts by meeting all peers (their inputs are ready, and we learn where
+// they are) and ends by meeting them again (nobody reads our input any more, so the caller may
+// reuse it). `Phases` extra barriers in between are the kernel's own.
+struct Session {
+  std::uint64_t seq;
+
+  __device__ static Session open(const Args& a, Payload* peers) {
+    __shared__ std::uint64_t seq;
+    if (threadIdx.x == 0) seq = *a.ws.seq(blockIdx.x);
+    __syncthreads();
+    Session s{seq};
+    s.meet(a, peers);
+    return s;
+  }
+  __device__ void meet(const Args& a, Payload* peers) { block_barrier(a.ws, a.npes, ++seq, a.mine, peers); }
+  __device__ void close(const Args& a) {
+    __shared__ Payload ignored[kMaxPeers];
+    meet(a, ignored);
+    if (threadIdx.x == 0) *a.ws.seq(blockIdx.x) = seq;
+  }
+};
+
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(Args a) {
+  __shared__ Payload peers[kMaxPeers];
+  Session s = Session::open(a, peers);
+  const T* src[kMaxPeers];
+#pragma unroll
+  for (int q = 0; q < kMaxPeers; ++q)
+    src[q] = q < a.npes ? reinterpret_cast<const T*>(peer_input(a, peers[q], q)) : nullptr;
+  std::int64_t lo, hi;
+  block_range(a.len, N, lo, hi);
+  sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);
+  s.close(a);
+}
+
+template <typename U>
+__global__ void __launch_bounds__(kThreads) gather_kernel(Args a) {
+  __shared__ Payload peers[kMaxPeers];
+  Session s = Session::open(a, peers);
+  std::int64_t lo, hi;
+  block_range(a.len, 1, lo, hi);
+  for (int q = 0; q < a.npes; ++q)
+    copy_range<U, 1>(reinterpret_cast<const U*>(peer_input(a, peers[q], q)),
+                     reinterpret_cast<U*>(a.dst + q * a.dst_pitch), lo, hi);
+  s.close(a);
+}
+
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
+  __shared__ Payload peers[kMaxPeers];
+  Session s = Session::open(a, peers);
+  // PE q owns [part(q), part(q + 1)), on multiples of N elements; the same split on every PE.
+  auto part = [&](int q) { return q >= a.npes ? a.len : a.len / N * q / a.npes * N; };
+  const int me = nvshmem_my_pe();
+  const std::int64_t mine = part(me);
+  T* result = reinterpret_cast<T*>(a.ws.base + a.result_offset);
+
+  const T* src[kMaxPeers];
+#pragma unroll
+  for (int q = 0; q < kMaxPeers; ++q)
+    src[q] = q < a.npes ? reinterpret_cast<const T*>(peer_input(a, peers[q], q)) + mine : nullptr;
+  std::int64_t lo, hi;
+  block_range(part(me + 1) - mine, N, lo, hi);
+  sum_range<T, N>(src, a.npes, result, lo, hi);
+
+  s.meet(a, peers);  // every share is reduced
+  T* dst = reinterpret_cast<T*>(a.dst);
+  for (int q = 0; q < a.npes; ++q) {
+    const std::int64_t begin = part(q);
+    block_range(part(q + 1) - begin, N, lo, hi);
+    copy_range<T, N>(static_cast<const T*>(nvshmem_ptr(result, q)), dst + begin, lo, hi);
+  }
+  s.close(a);
+}
+
+template <typename F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat64: return f(double{});
+  }
+  SYMCOMM_CHECK(false, "unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
+  const int npes = nvshmem_n_pes();
+  SYMCOMM_CHECK(npes <= kMaxPeers, "at most " + std::to_string(kMaxPeers) + " PEs are supported, got " +
+                                       std::to_string(npes));
+  SYMCOMM_CHECK(c.workspace != 0 && c.src != 0 && (c.dst != 0 || c.len == 0), "null pointer");
+  SYMCOMM_CHECK(c.row >= 0 && c.row < npes, "row " + std::to_string(c.row) + " is out of range");
+  SYMCOMM_CHECK(c.len >= 0 && c.len % itemsize == 0, "len must be a whole number of elements");
+  if (c.vec16) {
+    const bool aligned = (c.src | c.dst | c.workspace) % 16 == 0 && c.src_pitch % 16 == 0 && c.len % 16 == 0 &&
+                         c.dst_pitch % 16 == 0 && c.result_offset % 16 == 0;
+    SYMCOMM_CHECK(aligned, "vec16 was requested for addresses or sizes that are not 16-byte multiples");
+  }
+  auto* ws = reinterpret_cast<char*>(c.workspace);
+  return Args{Workspace{ws}, npes, Payload{static_cast<std::int64_t>(c.src - c.workspace), c.src_pitch}, c.row,
+              c.len / itemsize, reinterpret_cast<char*>(c.dst), c.dst_pitch, c.result_offset};
+}
+
+// Enough blocks to keep about 32 KB in flight per block, capped so that every PE's blocks fit on
+// the GPU at once. Depends only on the size, so it is the same on every PE.
+int grid_for(std::int64_t bytes) {
+  const std::int64_t per_block = kThreads * 16 * 4;
+  return static_cast<int>(std::clamp<std::int64_t>((bytes + per_block - 1) / per_block, 1, g_max_blocks));
+}
+
+}  // namespace
+
+void reduce(const CollectiveCall& c) {
+  with_dtype(c.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Args a = make_args(c, sizeof(T));
+    if (c.vec16)
+      launch(reduce_kernel<T, 16 / sizeof(T)>, grid_for(c.len), kThreads, 0, c.stream, a);
+    else
+      launch(reduce_kernel<T, 1>, grid_for(c.len), kThreads, 0, c.stream, a);
+  });
+}
+
+void two_shot_all_reduce(const CollectiveCall& c) {
+  SYMCOMM_CHECK(c.row == 0, "two-shot all-reduce reads row 0");
+  with_dtype(c.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Args a = make_args(c, sizeof(T));
+    if (c.vec16)
+      launch(two_shot_kernel<T, 16 / sizeof(T)>, grid_for(c.len), kThreads, 0, c.stream, a);
+    else
+      launch(two_shot_kernel<T, 1>, grid_for(c.len), kThreads, 0, c.stream, a);
+  });
+}
+
+void gather(const CollectiveCall& c) {
+  // Copies are typeless: move the widest unit the addresses and sizes allow.
+  const std::uint64_t all = c.src | c.dst | static_cast<std::uint64_t>(c.src_pitch | c.dst_pitch | c.len);
+  const int grid = grid_for(c.len);
+  if (c.vec16)
+    launch(gather_kernel<uint4>, grid, kThreads, 0, c.stream, make_args(c, 16));
+  else if (all % 8 == 0)
+    launch(gather_kernel<unsigned long long>, grid, kThreads, 0, c.stream, make_args(c, 8));
+  else if (all % 4 == 0)
+    launch(gather_kernel<unsigned int>, grid, kThreads, 0, c.stream, make_args(c, 4));
+  else if (all % 2 == 0)
+    launch(gather_kernel<unsigned short>, grid, kThreads, 0, c.stream, make_args(c, 2));
+  else
+    launch(gather_kernel<unsigned char>, grid, kThreads, 0, c.stream, make_args(c, 1));
+}
+
+void set_max_blocks(int n) {
+  SYMCOMM_CHECK(n >= 1 && n <= kMaxBlocks, "max blocks must be in [1, " + std::to_string(kMaxBlocks) + "]");
+  g_max_blocks = n;
+}
+
+std::int64_t workspace_data_offset() { return static_cast<std::int64_t>(kDataOffset); }
+
+bool peers_reachable(std::uintptr_t workspace) {
+  for (int q = 0; q < nvshmem_n_pes(); ++q)
+    if (nvshmem_ptr(reinterpret_cast<void*>(workspace), q) == nullptr) return false;
+  return true;
+}
+
+}  // namespace symcomm

@@ -1,0 +1,47 @@
+#pragma once
+// Collectives over the symmetric heap, read through peer pointers (every PE load/store reachable:
+// one NVLink domain, or several PEs on one GPU). Each call handles one chunk: the Python side
+// stages inputs that are not symmetric, splits large messages, and picks the algorithm.
+//
+// A PE's input is a set of rows (one row per destination PE for reduce-scatter and all-to-all, a
+// single row otherwise). Sizes are in bytes; pointers, streams and the workspace are integers.
+#include <cstdint>
+
+#include "core/limits.h"
+
+namespace symcomm {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct CollectiveCall {
+  std::uintptr_t workspace;     // this PE's symmetric workspace
+  std::uintptr_t src;           // this PE's input (symmetric: in place, or staged in the workspace)
+  std::int64_t src_pitch;       // bytes between this PE's input rows
+  int row;                      // the row of every peer's input that this PE consumes
+  std::int64_t len;             // bytes per row
+  std::uintptr_t dst;           // this PE's output
+  std::int64_t dst_pitch;       // gather: bytes between the rows that come from consecutive PEs
+  std::int64_t result_offset;   // two-shot: byte offset in the workspace of the per-PE result area
+  DType dtype;                  // reductions only
+  bool vec16;                   // every address, pitch and row length is a multiple of 16 bytes
+  std::uintptr_t stream;
+};
+
+// dst[i] = sum over PEs q of q's input row `row` (one-shot all-reduce: row 0; reduce-scatter: row = me).
+// Accumulates half types in float32.
+void reduce(const CollectiveCall& c);
+// dst row q (at dst + q * dst_pitch) = PE q's input row `row` (all-gather: row 0; all-to-all: row = me).
+void gather(const CollectiveCall& c);
+// All-reduce of a single row in two passes: each PE reduces its 1/n share into its result area, then
+// every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).
+void two_shot_all_reduce(const CollectiveCall& c);
+
+// The grid size cap, the same on every PE (blocks of all PEs must be able to run at once), at most
+// kMaxBlocks (core/limits.h).
+void set_max_blocks(int n);
+// Where the data area starts in the workspace (bytes); everything before it is barrier state.
+std::int64_t workspace_data_offset();
+// Whether every PE's copy of the workspace is reachable by load/store from this PE.
+bool peers_reachable(std::uintptr_t workspace);
+
+}  // namespace symcomm

@@ -1,0 +1,81 @@
+#pragma once
+// The symmetric workspace every kernel shares (allocated once at init, same offsets on every PE):
+//
+//   slots[kMaxBlocks][kMaxPeers]   barrier flags, one per (block, sending PE), each with a payload
+//   seq[kMaxBlocks]                how many barriers each block index has passed (this PE only)
+//   data                           staging for inputs that are not symmetric, and two-shot results
+//
+// Synchronisation is per block: block b of every PE meets block b of every other PE, so a kernel
+// needs no grid-wide co-residency, only the same grid size on every PE (same sizes, same call).
+// Counters live in device memory and only ever grow, so back-to-back calls and CUDA-graph replays
+// never mistake an old flag for a new one.
+#include <cstdint>
+
+#include <nvshmem.h>
+
+#include "core/limits.h"
+#include "core/wait.cuh"
+
+namespace symcomm {
+
+// What a PE tells its peers about its input for this call: where it is (a byte offset from the
+// workspace base: peers add it to their view of our workspace) and its row pitch in bytes. A PE
+// reads its input in place when it is symmetric and stages it otherwise, so peers can differ.
+struct Payload {
+  std::int64_t offset;
+  std::int64_t pitch;
+};
+
+struct Slot {
+  std::uint64_t flag;
+  std::uint64_t pad;
+  Payload payload;
+};
+
+constexpr std::size_t kSlotsBytes = sizeof(Slot) * kMaxBlocks * kMaxPeers;
+constexpr std::size_t kSeqBytes = sizeof(std::uint64_t) * kMaxBlocks;
+// Data starts on a 256-byte boundary so staged rows are aligned for 16-byte vectors.
+constexpr std::size_t kDataOffset = (kSlotsBytes + kSeqBytes + 255) / 256 * 256;
+
+struct Workspace {
+  char* base;  // this PE's workspace (symmetric)
+
+  __device__ Slot* slot(int block, int sender) const {
+    return reinterpret_cast<Slot*>(base) + block * kMaxPeers + sender;
+  }
+  __device__ std::uint64_t* seq(int block) const {
+    return reinterpret_cast<std::uint64_t*>(base + kSlotsBytes) + block;
+  }
+};
+
+__device__ __forceinline__ void store_release_sys(std::uint64_t* p, std::uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Block b of this PE meets block b of every PE. Before signalling, everything this block wrote is
+// made visible system-wide; the payload (our input's offset for this call) travels with the flag,
+// and on return peer_payload[q] holds PE q's. Call from every thread of the block.
+//
+// A peer can be at most one barrier ahead of us (it needs our next signal to pass the one after),
+// so the payload we read may already be its next barrier's. Every barrier of one call therefore
+// carries the same payload, and every call has at least two barriers.
+__device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_t seq, Payload payload,
+                                     Payload* peer_payload) {
+  const int me = nvshmem_my_pe();
+  const int q = threadIdx.x;
+  __syncthreads();
+  if (q < npes) {
+    // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
+    __threadfence_system();
+    Slot* remote = static_cast<Slot*>(nvshmem_ptr(ws.slot(blockIdx.x, me), q));
+    remote->payload = payload;
+    store_release_sys(&remote->flag, seq);
+    Slot* mine = ws.slot(blockIdx.x, q);
+    wait_geq(&mine->flag, seq, "a block barrier", q);
+    const volatile Payload* got = &mine->payload;
+    peer_payload[q] = Payload{got->offset, got->pitch};
+  }
+  __syncthreads();
+}
+
+}  // namespace symcomm

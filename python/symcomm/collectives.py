@@ -1,0 +1,184 @@
+"""The nvshmem backend's collectives: the host side of csrc/collectives.
+
+Every op here has the same shape: view the input as rows (one per destination rank for
+reduce-scatter and all-to-all, one row otherwise), then, chunk by chunk, give the kernel a symmetric
+source and let it read every peer's rows through peer pointers:
+
+- a symmetric input (made by symcomm.empty, 16-byte aligned) is read in place: zero copies;
+- any other input is first copied into this rank's staging area in the workspace;
+- a message larger than the staging area is split into chunks, each one kernel launch.
+
+The chunk plan depends only on sizes, never on whether a rank staged, so every rank launches the same
+kernels in the same order (the kernels' barriers count on that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from symcomm import runtime
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+ALGORITHMS = ("auto", "one_shot", "two_shot")
+ALGORITHM_ENV = "SYMCOMM_ALL_REDUCE_ALGORITHM"
+_TUNING = json.loads((Path(__file__).with_name("tuning.json")).read_text())
+
+
+@dataclass(frozen=True)
+class _Context:
+    ext: object
+    workspace: int  # address of this rank's workspace
+    data: int  # address of its data area
+    data_bytes: int
+    rank: int
+    world: int
+    stream: int
+
+
+def _context() -> _Context:
+    ext = runtime.load_extension()
+    ws = runtime.workspace()
+    offset = ext.workspace_data_offset()
+    return _Context(ext, ws.data_ptr(), ws.data_ptr() + offset, ws.numel() - offset, runtime.rank(),
+                    runtime.world_size(), torch.cuda.current_stream(ws.device).cuda_stream)
+
+
+def _round_down(n: int, multiple: int) -> int:
+    return n // multiple * multiple
+
+
+def _source(ctx: _Context, rows: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    """(address, row pitch in bytes) of columns [lo, hi) of every row of `rows` ([R, C], contiguous),
+    in place when it is symmetric and aligned, else after copying them into the staging area."""
+    itemsize = rows.element_size()
+    if runtime.is_symmetric(rows) and rows.data_ptr() % 16 == 0:
+        return rows.data_ptr() + lo * itemsize, rows.shape[1] * itemsize
+    n_rows, width = rows.shape[0], hi - lo
+    start = ctx.data - ctx.workspace
+    staged = runtime.workspace()[start:start + n_rows * width * itemsize].view(rows.dtype).view(n_rows, width)
+    staged.copy_(rows[:, lo:hi])
+    return ctx.data, width * itemsize
+
+
+def _chunks(columns: int, itemsize: int, capacity_bytes: int):
+    """Splits [0, columns) into ranges that fit `capacity_bytes` per row, on 16-byte boundaries."""
+    step = max(_round_down(capacity_bytes, 16) // itemsize, 16 // itemsize)
+    for lo in range(0, columns, step):
+        yield lo, min(columns, lo + step)
+
+
+def _vec16(*byte_sizes: int) -> bool:
+    # Addresses are always 16-byte aligned (fresh outputs, the workspace, aligned in-place inputs), so
+    # the sizes decide; they are the same on every rank, and so is the choice.
+    return all(n % 16 == 0 for n in byte_sizes)
+
+
+def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst: int, dst_pitch: int,
+            dtype: torch.dtype, vec16: bool, result_offset: int = 0) -> None:
+    fn(ctx.workspace, src[0], src[1], row, length, dst, dst_pitch, result_offset, DTYPE_CODES.get(dtype, 0), vec16,
+       ctx.stream)
+
+
+def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
+    return x.contiguous().view(n_rows, -1)
+
+
+def choose_all_reduce(nbytes: int, world: int, algorithm: str = "auto") -> str:
+    """one_shot (latency: each rank reads all inputs) below the cut-point for this GPU and world size,
+    two_shot (bandwidth: reduce-scatter then all-gather) above it."""
+    if algorithm == "auto":
+        algorithm = os.environ.get(ALGORITHM_ENV, "auto")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"{ALGORITHM_ENV}={algorithm!r}; expected one of {ALGORITHMS}")
+    if algorithm != "auto":
+        return algorithm
+    table = _TUNING["all_reduce_one_shot_max_bytes"]
+    cuts = table.get(torch.cuda.get_device_name(runtime.device()), table["default"])
+    return "one_shot" if nbytes <= cuts[str(world)] else "two_shot"
+
+
+def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
+    ctx = _context()
+    if ctx.world == 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    rows = _rows(x, 1)
+    out = torch.empty_like(rows)
+    isz, n = x.element_size(), rows.shape[1]
+    if choose_all_reduce(n * isz, ctx.world, algorithm) == "one_shot":
+        for lo, hi in _chunks(n, isz, ctx.data_bytes):
+            _launch(ctx.ext.reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
+                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16((hi - lo) * isz))
+    else:
+        # The staging area is followed by the result area: each rank's 1/world share (+ alignment).
+        capacity = _round_down((ctx.data_bytes - 32) * ctx.world // (ctx.world + 1), 16 * ctx.world)
+        result_offset = ctx.data - ctx.workspace + capacity
+        for lo, hi in _chunks(n, isz, capacity):
+            _launch(ctx.ext.two_shot_all_reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
+                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16((hi - lo) * isz), result_offset)
+    return out.view(x.shape)
+
+
+def _leading_dims_one(x: torch.Tensor, dim: int) -> bool:
+    return math.prod(x.shape[:dim]) == 1
+
+
+def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    ctx = _context()
+    d = dim % x.dim()
+    if ctx.world == 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    rows = _rows(x, 1)
+    isz, n = x.element_size(), rows.shape[1]
+    # Rank q's block lands at out[q]: already the result when dim is the outermost non-trivial
+    # dimension; otherwise one more copy moves the rank dimension into place.
+    out = torch.empty((ctx.world, *x.shape), dtype=x.dtype, device=x.device)
+    for lo, hi in _chunks(n, isz, ctx.data_bytes):
+        _launch(ctx.ext.gather, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz,
+                n * isz, x.dtype, _vec16((hi - lo) * isz, n * isz))
+    if _leading_dims_one(x, d):
+        return out.view(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])
+    return out.movedim(0, d).reshape(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])
+
+
+def _by_destination(x: torch.Tensor, dim: int, world: int) -> torch.Tensor:
+    """x as [world, C]: row r is the part of x that rank r receives (its chunk along dim)."""
+    if _leading_dims_one(x, dim):
+        return _rows(x, world)
+    return x.unflatten(dim, (world, -1)).movedim(dim, 0).contiguous().view(world, -1)
+
+
+def _exchange(fn, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch_rows: bool) -> None:
+    """Runs `fn` over rows ([world, C]) in chunks of columns; this rank consumes row `rank` of every peer."""
+    ctx = _context()
+    isz, c = x.element_size(), rows.shape[1]
+    for lo, hi in _chunks(c, isz, ctx.data_bytes // ctx.world):
+        dst_pitch = c * isz if dst_pitch_rows else 0
+        _launch(fn, ctx, _source(ctx, rows, lo, hi), ctx.rank, (hi - lo) * isz, out.data_ptr() + lo * isz,
+                dst_pitch, x.dtype, _vec16((hi - lo) * isz, c * isz))
+
+
+def reduce_scatter(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    world = runtime.world_size()
+    d = dim % x.dim()
+    if world == 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    rows = _by_destination(x, d, world)
+    out = torch.empty(rows.shape[1], dtype=x.dtype, device=x.device)
+    _exchange(runtime.load_extension().reduce, x, rows, out, dst_pitch_rows=False)
+    return out.view(*x.shape[:d], x.shape[d] // world, *x.shape[d + 1:])
+
+
+def all_to_all(x: torch.Tensor) -> torch.Tensor:
+    world = runtime.world_size()
+    if world == 1:
+        return x.clone(memory_format=torch.contiguous_format)
+    rows = _rows(x, world)
+    out = torch.empty_like(rows)
+    _exchange(runtime.load_extension().gather, x, rows, out, dst_pitch_rows=True)
+    return out.view(x.shape)
