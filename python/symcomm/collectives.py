@@ -45,8 +45,9 @@ def _context() -> _Context:
     ext = runtime.load_extension()
     ws = runtime.workspace()
     offset = ext.workspace_data_offset()
+    stream = torch.cuda.current_stream(ws.device).cuda_stream if ws.is_cuda else 0
     return _Context(ext, ws.data_ptr(), ws.data_ptr() + offset, ws.numel() - offset, runtime.rank(),
-                    runtime.world_size(), torch.cuda.current_stream(ws.device).cuda_stream)
+                    runtime.world_size(), stream)
 
 
 def _round_down(n: int, multiple: int) -> int:
@@ -56,14 +57,15 @@ def _round_down(n: int, multiple: int) -> int:
 def _source(ctx: _Context, rows: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
     """(address, row pitch in bytes) of columns [lo, hi) of every row of `rows` ([R, C], contiguous),
     in place when it is symmetric and aligned, else after copying them into the staging area."""
-    itemsize = rows.element_size()
+    itemsize, n_rows, width = rows.element_size(), rows.shape[0], hi - lo
+    # One row has no pitch; giving it none keeps the 16-byte check about the sizes that matter.
+    multi = n_rows > 1
     if runtime.is_symmetric(rows) and rows.data_ptr() % 16 == 0:
-        return rows.data_ptr() + lo * itemsize, rows.shape[1] * itemsize
-    n_rows, width = rows.shape[0], hi - lo
+        return rows.data_ptr() + lo * itemsize, rows.shape[1] * itemsize * multi
     start = ctx.data - ctx.workspace
     staged = runtime.workspace()[start:start + n_rows * width * itemsize].view(rows.dtype).view(n_rows, width)
     staged.copy_(rows[:, lo:hi])
-    return ctx.data, width * itemsize
+    return ctx.data, width * itemsize * multi
 
 
 def _chunks(columns: int, itemsize: int, capacity_bytes: int):
@@ -99,7 +101,8 @@ def choose_all_reduce(nbytes: int, world: int, algorithm: str = "auto") -> str:
     if algorithm != "auto":
         return algorithm
     table = _TUNING["all_reduce_one_shot_max_bytes"]
-    cuts = table.get(torch.cuda.get_device_name(runtime.device()), table["default"])
+    device = runtime.device()
+    cuts = table.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", table["default"])
     return "one_shot" if nbytes <= cuts[str(world)] else "two_shot"
 
 
