@@ -19,14 +19,17 @@ from symcomm import runtime
 @dataclass
 class Row:
     op: str
+    algorithm: str
     bytes: int
     count: int
     dtype: str
-    time_us: float  # median over iterations, max over ranks
-    algbw_gbs: float
+    time_us: float  # eager: median over iterations, max over ranks
+    graph_us: float | None  # replayed from a CUDA graph (GPU only)
+    algbw_gbs: float  # from the better of the two times
     busbw_gbs: float
     baseline_us: float
-    speedup: float  # baseline time / our time
+    speedup: float  # baseline time / our better time
+    hbm_fraction: float | None  # bytes the algorithm moves through HBM / time / measured copy bandwidth
     correct: bool
 
 
@@ -76,6 +79,43 @@ def time_us(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return statistics.median(samples)
 
 
+class progress:
+    """A progress bar on one rank (rich), nothing elsewhere."""
+
+    def __init__(self, name: str, total: int, enabled: bool):
+        self._bar = None
+        if enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._task = self._bar.add_task(name, total=total)
+
+    def __enter__(self):
+        if self._bar:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar:
+            self._bar.stop()
+
+    def advance(self) -> None:
+        if self._bar:
+            self._bar.advance(self._task)
+
+
+def symmetric_copy(x: torch.Tensor) -> torch.Tensor:
+    s = runtime.empty(tuple(x.shape), x.dtype)
+    s.copy_(x)
+    return s
+
+
+def all_ranks(ok: bool) -> bool:
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def max_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -98,6 +138,18 @@ def ceilings(device: torch.device) -> dict[str, float]:
     return {"d2d_copy_gbs": 2 * n / copy / 1e3, "bf16_matmul_tflops": 2 * 8192**3 / mm / 1e6}
 
 
+def op_overhead_us(device: torch.device) -> float:
+    """Host time of one eager all_reduce of an empty tensor: dispatch and checks, no data, no kernel."""
+    x = torch.empty(0, device=device)
+    op = torch.ops.symcomm.all_reduce
+    for _ in range(100):
+        op(x)
+    start = time.perf_counter()
+    for _ in range(1000):
+        op(x)
+    return (time.perf_counter() - start) * 1e3
+
+
 def environment() -> dict[str, object]:
     dev = runtime.device()
     info: dict[str, object] = {
@@ -114,13 +166,18 @@ def environment() -> dict[str, object]:
     return info
 
 
+def _opt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def table(rows: list[Row]) -> str:
-    head = (f"{'size (B)':>12} {'count':>11} {'dtype':>9} {'time (us)':>11} {'algbw GB/s':>11} "
-            f"{'busbw GB/s':>11} {'base (us)':>11} {'speedup':>8} {'check':>6}")
+    head = (f"{'size (B)':>12} {'count':>11} {'dtype':>9} {'algorithm':>15} {'eager (us)':>11} {'graph (us)':>11} "
+            f"{'algbw GB/s':>11} {'busbw GB/s':>11} {'base (us)':>11} {'speedup':>8} {'of copy':>8} {'check':>6}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.bytes:>12} {r.count:>11} {r.dtype:>9} {r.time_us:>11.1f} {r.algbw_gbs:>11.2f} "
-                     f"{r.busbw_gbs:>11.2f} {r.baseline_us:>11.1f} {r.speedup:>8.2f} {'ok' if r.correct else 'WRONG':>6}")
+        lines.append(f"{r.bytes:>12} {r.count:>11} {r.dtype:>9} {r.algorithm:>15} {r.time_us:>11.1f} "
+                     f"{_opt(r.graph_us, '.1f'):>11} {r.algbw_gbs:>11.2f} {r.busbw_gbs:>11.2f} {r.baseline_us:>11.1f} "
+                     f"{r.speedup:>8.2f} {_opt(r.hbm_fraction, '.0%'):>8} {'ok' if r.correct else 'WRONG':>6}")
     return "\n".join(lines)
 
 
@@ -143,10 +200,12 @@ def _plot(path: Path, stem: str, rows: list[Row], header: dict[str, object], bas
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = [r.bytes for r in rows]
-    ax.plot(sizes, [r.busbw_gbs for r in rows], "o-", label=f"symcomm ({header['backend']})")
-    baseline_busbw = [r.busbw_gbs * r.time_us / r.baseline_us for r in rows]
-    ax.plot(sizes, baseline_busbw, "s--", label=f"baseline ({baseline})")
+    for algorithm in dict.fromkeys(r.algorithm for r in rows):
+        mine = [r for r in rows if r.algorithm == algorithm]
+        ax.plot([r.bytes for r in mine], [r.busbw_gbs for r in mine], "o-",
+                label=f"symcomm ({header['backend']}, {algorithm})")
+    first = [r for r in rows if r.algorithm == rows[0].algorithm]
+    ax.plot([r.bytes for r in first], [r.busbw_gbs * r.speedup for r in first], "s--", label=f"baseline ({baseline})")
     if "d2d_copy_gbs" in header:
         ax.axhline(header["d2d_copy_gbs"], color="grey", lw=0.8, label="device-to-device copy")
     ax.set_xscale("log", base=2)

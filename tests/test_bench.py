@@ -1,0 +1,40 @@
+"""The benchmark harness: every op's rows are produced, checked and written (on the active backend)."""
+
+import argparse
+import json
+
+import pytest
+
+from symcomm.bench import __main__ as bench
+from symcomm.bench import harness
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(bench.BENCHES))
+def test_every_benchmark_runs_and_checks_its_output(world, name, tmp_path):
+    args = argparse.Namespace(dtype="float32", min_bytes=64, max_bytes=4096, factor=8, warmup=1, iters=2,
+                              symmetric=False, algorithms=True)
+    header = harness.environment()
+    rows = bench.run(name, bench.BENCHES[name], args, header)
+    assert [r.count for r in rows] == sorted(r.count for r in rows) and len(rows) == 3
+    assert all(r.correct and r.time_us > 0 and r.baseline_us > 0 for r in rows)
+    if world.rank == 0:
+        json_path, csv_path, png_path = harness.write(tmp_path, name, rows, header, "baseline")
+        assert len(json.loads(json_path.read_text())["rows"]) == 3
+        assert png_path.stat().st_size > 0 and csv_path.read_text().count("\n") == 4
+
+
+def test_parse_bytes():
+    assert harness.parse_bytes("64K") == 65536 and harness.parse_bytes("1.5M") == 3 << 19
+    assert harness.parse_bytes("1024") == 1024 and harness.parse_bytes("2gb") == 2 << 30
+    with pytest.raises(ValueError, match="not a size"):
+        harness.parse_bytes("lots")
+
+
+def test_measured_cut_is_the_largest_size_where_one_shot_wins():
+    def row(algorithm, nbytes, t):
+        return harness.Row("all-reduce", algorithm, nbytes, 1, "bfloat16", t, t, 1, 1, 1, 1, None, True)
+
+    rows = [row("one_shot", 1024, 5), row("two_shot", 1024, 9), row("one_shot", 4096, 8), row("two_shot", 4096, 8),
+            row("one_shot", 16384, 20), row("two_shot", 16384, 12), row("auto/one_shot", 65536, 1)]
+    assert bench.measured_cut(rows) == 4096

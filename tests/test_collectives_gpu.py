@@ -1,0 +1,130 @@
+"""The nvshmem collective kernels on the GPU: large and chunked messages, both all-reduce algorithms,
+zero-copy symmetric inputs, long runs of back-to-back calls, and CUDA-graph replay.
+
+(The op contract tests in test_ops.py also run here, on the nvshmem backend.)
+"""
+
+import pytest
+import torch
+
+import symcomm
+from harness import assert_close
+
+pytestmark = [pytest.mark.dist, pytest.mark.gpu]
+ops = torch.ops.symcomm
+
+
+def on_gpu(world, seed: int, shape, dtype) -> list[torch.Tensor]:
+    """Every rank's input, made on this rank's GPU from a seed all ranks share (no host copies)."""
+    g = torch.Generator(device=world.device)
+    out = []
+    for r in range(world.world_size):
+        g.manual_seed(seed * 1000 + r)
+        if dtype.is_floating_point and dtype.itemsize > 1:
+            out.append(torch.randn(shape, generator=g, device=world.device).to(dtype))
+        else:
+            out.append(torch.randint(1, 8, shape, generator=g, device=world.device).to(dtype))
+    return out
+
+
+def gpu_sum(xs):
+    return sum(x.double() for x in xs), sum(x.double().abs() for x in xs)
+
+
+def symmetric_copy(x: torch.Tensor) -> torch.Tensor:
+    s = symcomm.empty(tuple(x.shape), x.dtype)
+    s.copy_(x)
+    return s
+
+
+def seed_of(gen) -> int:
+    return int(torch.randint(0, 2**20, (1,), generator=gen))
+
+
+@pytest.mark.parametrize("algorithm", ["one_shot", "two_shot", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("numel", [1, 3, 1021, 65536 + 7, 4 << 20])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
+def test_all_reduce_algorithms(world, gen, numel, dtype, algorithm, symmetric):
+    xs = on_gpu(world, seed_of(gen), (numel,), dtype)
+    x = symmetric_copy(xs[world.rank]) if symmetric else xs[world.rank]
+    keep = x.clone()
+    out = ops.all_reduce(x, algorithm)
+    assert_close(out, *gpu_sum(xs), dtype=dtype)
+    assert torch.equal(x, keep), "all_reduce changed its input"
+    if symmetric:
+        symcomm.free(x)
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
+def test_messages_larger_than_the_workspace_are_chunked(world, gen, op):
+    # 64 MiB of bf16 per rank: more than the default 64 MiB workspace can stage at once.
+    n = (32 << 20) // world.world_size * world.world_size
+    xs = on_gpu(world, seed_of(gen), (n,), torch.bfloat16)
+    out = getattr(ops, op)(xs[world.rank])
+    if op == "all_reduce":
+        assert_close(out, *gpu_sum(xs), dtype=torch.bfloat16)
+    elif op == "reduce_scatter":
+        ref, scale = (t.chunk(world.world_size)[world.rank] for t in gpu_sum(xs))
+        assert_close(out, ref, scale, dtype=torch.bfloat16)
+    elif op == "all_gather":
+        assert torch.equal(out, torch.cat(xs))
+    else:
+        assert torch.equal(out, torch.cat([t.chunk(world.world_size)[world.rank] for t in xs]))
+
+
+def test_a_thousand_back_to_back_calls_never_read_stale_data(world, gen):
+    for i in range(1000):
+        numel = int(torch.randint(1, 20000, (1,), generator=gen)) * world.world_size
+        xs = on_gpu(world, seed_of(gen), (numel,), torch.float32)
+        kind = i % 4
+        if kind == 0:
+            assert_close(ops.all_reduce(xs[world.rank]), *gpu_sum(xs), dtype=torch.float32)
+        elif kind == 1:
+            assert torch.equal(ops.all_gather(xs[world.rank], 0), torch.cat(xs))
+        elif kind == 2:
+            ref, scale = (t.chunk(world.world_size)[world.rank] for t in gpu_sum(xs))
+            assert_close(ops.reduce_scatter(xs[world.rank], 0), ref, scale, dtype=torch.float32)
+        else:
+            expected = torch.cat([t.chunk(world.world_size)[world.rank] for t in xs])
+            assert torch.equal(ops.all_to_all(xs[world.rank]), expected)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
+def test_cuda_graph_replay_with_the_input_mutated_inside_the_graph(world, gen, symmetric):
+    n = 4096 * world.world_size + 5
+    static = symcomm.empty((n,), torch.bfloat16) if symmetric else torch.empty(n, dtype=torch.bfloat16,
+                                                                                device=world.device)
+    static.copy_(on_gpu(world, seed_of(gen), (n,), torch.bfloat16)[world.rank])
+    stream = torch.cuda.Stream(world.device)
+    stream.wait_stream(torch.cuda.current_stream(world.device))
+    with torch.cuda.stream(stream):
+        ops.all_reduce(static)  # warm up outside the capture (first-use allocations)
+        ops.all_gather(static, 0)
+    torch.cuda.current_stream(world.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reduced = ops.all_reduce(static)
+        gathered = ops.all_gather(static, 0)
+        # Peers read `static` in place; overwriting it right away catches a kernel that returns
+        # before every peer has finished reading.
+        static.mul_(-3)
+    for _ in range(5):
+        xs = on_gpu(world, seed_of(gen), (n,), torch.bfloat16)
+        static.copy_(xs[world.rank])
+        graph.replay()
+        torch.cuda.synchronize(world.device)
+        assert_close(reduced, *gpu_sum(xs), dtype=torch.bfloat16)
+        assert torch.equal(gathered, torch.cat(xs))
+        assert torch.equal(static, xs[world.rank] * -3)
+    if symmetric:
+        symcomm.free(static)
+
+
+def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen):
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32, torch.int64, torch.float64):
+        xs = on_gpu(world, seed_of(gen), (3, 1001), dtype)
+        x = symmetric_copy(xs[world.rank])
+        out = ops.all_gather(x, 1)
+        assert torch.equal(out.view(torch.uint8), torch.cat(xs, 1).view(torch.uint8)), dtype
+        symcomm.free(x)
