@@ -217,16 +217,17 @@ int grid_for(std::int64_t bytes) {
   return static_cast<int>(std::clamp<std::int64_t>((bytes + per_block - 1) / per_block, 1, g_max_blocks));
 }
 
+// The N-wide kernel when the call allows 16-byte vectors, the scalar one otherwise.
+void launch_typed(const CollectiveCall& c, std::int64_t itemsize, void (*vec)(Args), void (*scalar)(Args)) {
+  launch(c.vec16 ? vec : scalar, grid_for(c.len), kThreads, 0, c.stream, make_args(c, itemsize));
+}
+
 }  // namespace
 
 void reduce(const CollectiveCall& c) {
   with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const Args a = make_args(c, sizeof(T));
-    if (c.vec16)
-      launch(reduce_kernel<T, 16 / sizeof(T)>, grid_for(c.len), kThreads, 0, c.stream, a);
-    else
-      launch(reduce_kernel<T, 1>, grid_for(c.len), kThreads, 0, c.stream, a);
+    launch_typed(c, sizeof(T), reduce_kernel<T, 16 / sizeof(T)>, reduce_kernel<T, 1>);
   });
 }
 
@@ -234,11 +235,7 @@ void two_shot_all_reduce(const CollectiveCall& c) {
   SYMCOMM_CHECK(c.row == 0, "two-shot all-reduce reads row 0");
   with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
-    const Args a = make_args(c, sizeof(T));
-    if (c.vec16)
-      launch(two_shot_kernel<T, 16 / sizeof(T)>, grid_for(c.len), kThreads, 0, c.stream, a);
-    else
-      launch(two_shot_kernel<T, 1>, grid_for(c.len), kThreads, 0, c.stream, a);
+    launch_typed(c, sizeof(T), two_shot_kernel<T, 16 / sizeof(T)>, two_shot_kernel<T, 1>);
   });
 }
 

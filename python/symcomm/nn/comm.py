@@ -23,88 +23,53 @@ def own_slice(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.narrow(dim, runtime.rank() * size, size).contiguous()
 
 
-class _CopyToTP(torch.autograd.Function):
-    # A replicated input feeds rank-local partial results: its gradient is their sum.
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
+def _function(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """An autograd Function along `dim`: forward(x, dim) and its adjoint backward(g, dim)."""
 
-    @staticmethod
-    def backward(ctx, g):
-        return ops.all_reduce(g.contiguous())
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return ops.all_reduce(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
-class _Gather(torch.autograd.Function):
-    """all_gather along dim forward; this rank's slice of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim):
+    def fwd(ctx, x, dim):
         ctx.dim = dim
-        return ops.all_gather(x.contiguous(), dim)
+        return forward(x, dim)
 
-    @staticmethod
-    def backward(ctx, g):
-        return own_slice(g, ctx.dim), None
+    def bwd(ctx, g):
+        return backward(g.contiguous(), ctx.dim), None
 
-
-class _Scatter(torch.autograd.Function):
-    """This rank's slice along dim forward; all_gather of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return own_slice(x, dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ops.all_gather(g.contiguous(), ctx.dim), None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _ReduceScatter(torch.autograd.Function):
-    """reduce_scatter along dim forward; all_gather of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return ops.reduce_scatter(x.contiguous(), dim)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ops.all_gather(g.contiguous(), ctx.dim), None
+def _identity(x, dim):
+    return x.view_as(x)
 
 
-class _GatherSum(torch.autograd.Function):
-    """all_gather along dim forward; reduce_scatter of the gradient backward (every rank's output
-    is used downstream, so every rank contributes to each rank's input gradient)."""
+def _all_reduce(x, dim):
+    return ops.all_reduce(x)
 
-    @staticmethod
-    def forward(ctx, x, dim):
-        ctx.dim = dim
-        return ops.all_gather(x.contiguous(), dim)
 
-    @staticmethod
-    def backward(ctx, g):
-        return ops.reduce_scatter(g.contiguous(), ctx.dim), None
+def _all_gather(x, dim):
+    return ops.all_gather(x.contiguous(), dim)
+
+
+def _reduce_scatter(x, dim):
+    return ops.reduce_scatter(x.contiguous(), dim)
+
+
+# A replicated input feeding rank-local partial results gets the sum of their gradients.
+_CopyToTP = _function("_CopyToTP", _identity, _all_reduce)
+_ReduceFromTP = _function("_ReduceFromTP", _all_reduce, _identity)
+_Gather = _function("_Gather", _all_gather, own_slice)
+_Scatter = _function("_Scatter", own_slice, _all_gather)
+_ReduceScatter = _function("_ReduceScatter", _reduce_scatter, _all_gather)
+# Every rank's output is used downstream, so every rank contributes to each rank's input gradient.
+_GatherSum = _function("_GatherSum", _all_gather, _reduce_scatter)
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
     """Identity forward, all_reduce backward: enters a TP region with a replicated input."""
-    return _CopyToTP.apply(x)
+    return _CopyToTP.apply(x, 0)
 
 
 def reduce_from_tp(x: torch.Tensor) -> torch.Tensor:
     """all_reduce forward, identity backward: leaves a TP region whose ranks hold partial sums."""
-    return _ReduceFromTP.apply(x)
+    return _ReduceFromTP.apply(x, 0)
 
 
 def gather_from_tp(x: torch.Tensor) -> torch.Tensor:
