@@ -43,6 +43,7 @@ class _State:
     # Every live allocation of empty(), keyed by storage address. Holding them here keeps their
     # frees collective and explicit (free() or finalize()), never in a garbage-collector callback.
     symmetric: dict[int, torch.Tensor] = field(default_factory=dict)
+    nvshmem_up: bool = False
     init_args: tuple = ()
 
 
@@ -169,9 +170,15 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     box = [uid]
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
     nvshmem.core.init(device=cuda_device, uid=box[0], rank=state.rank, nranks=state.world_size, initializer_method="uid")
+    state.nvshmem_up = True
     ext = load_extension()
     ext.init_device_state(state.timeout_s)
     state.workspace = _allocate(state, (workspace_bytes,), torch.uint8)
+    # The kernels' barrier flags and counters live at the front of the workspace and only ever count
+    # up; the heap is not zeroed, so zero them, and let nobody signal a peer before all have.
+    state.workspace[: ext.workspace_data_offset()].zero_()
+    torch.cuda.synchronize(state.device)
+    dist.barrier()
     unreachable = _agree(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not reachable "
                          "by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
     if any(unreachable):
@@ -253,17 +260,16 @@ def init(backend: str = "auto", workspace_bytes: int | None = None, timeout_s: f
         raise RuntimeError(f"init: torch.distributed has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
     rank, world = dist.get_rank(), dist.get_world_size()
 
+    state = _State("torch", rank, world, device, float(timeout_s), owns_pg, shared_gpu, init_args=args)
     try:
-        chosen = _choose_backend(backend, device, rank)
-        state = _State(chosen, rank, world, device, float(timeout_s), owns_pg, shared_gpu, init_args=args)
-        if chosen == "nvshmem":
+        state.backend = _choose_backend(backend, device, rank)
+        if state.backend == "nvshmem":
             _start_nvshmem(state, workspace_bytes)
     except BaseException:
-        if owns_pg:
-            dist.destroy_process_group()
+        _teardown(state)
         raise
     _state = state
-    return chosen
+    return state.backend
 
 
 def _choose_backend(requested: str, device: torch.device, rank: int) -> str:
@@ -292,7 +298,12 @@ def finalize() -> None:
     if state is None:
         return
     _state = None
-    if state.backend == "nvshmem":
+    _teardown(state)
+
+
+def _teardown(state: _State) -> None:
+    """Undoes what init did, as far as it got."""
+    if state.nvshmem_up:
         import nvshmem.core
 
         # No peer may still be reading our heap when we free it.
