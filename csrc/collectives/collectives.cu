@@ -108,7 +108,7 @@ __device__ __forceinline__ void copy_range(const T* src, T* dst, std::int64_t lo
 
 // Every collective kernel starts by meeting all peers (their inputs are ready, and we learn where
 // they are) and ends by meeting them again (nobody reads our input any more, so the caller may
-// reuse it). `Phases` extra barriers in between are the kernel's own.
+// reuse it). A kernel may meet them in between too (two-shot does, once its share is reduced).
 struct Session {
   std::uint64_t seq;
 
