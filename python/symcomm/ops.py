@@ -31,8 +31,14 @@ FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 REDUCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MOVE_DTYPES = REDUCE_DTYPES + FLOAT8 + (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 GEMM_DTYPES = REDUCE_DTYPES
+TOKEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ID_DTYPES = (torch.int32, torch.int64)
 
 lib = torch.library.Library("symcomm", "DEF")
+
+
+def _signature(*args) -> tuple:
+    return tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,13 @@ class Op:
     out_shape: Callable[..., tuple[int, ...]]
     torch_impl: Callable[..., torch.Tensor]
     nvshmem_impl: Callable[..., torch.Tensor] | None = None
+    # The output's dtype when it is not the first argument's.
+    out_dtype: torch.dtype | None = None
+    # What must be equal on every rank (checked with SYMCOMM_DEBUG=1); by default every argument.
+    signature: Callable[..., tuple] = _signature
+    # Checks of tensor values (not just shapes): run where the values are on the host anyway (CPU
+    # tensors) and in debug mode, since on a GPU they would cost a device sync per call.
+    value_check: Callable[..., None] | None = None
 
     @property
     def name(self) -> str:
@@ -145,6 +158,71 @@ def all_gather_gemm_shape(a, b) -> tuple[int, ...]:
     return (a.shape[0] * runtime.world_size(), b.shape[1])
 
 
+def _check_count(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+
+
+def moe_dispatch_shape(x, topk_ids, num_experts, expert_x, expert_counts) -> tuple[int, ...]:
+    op = "moe_dispatch"
+    check_tensor(op, "x", x, TOKEN_DTYPES, ndim=2)
+    check_tensor(op, "topk_ids", topk_ids, ID_DTYPES, ndim=2)
+    if topk_ids.shape[0] != x.shape[0] or topk_ids.shape[1] < 1:
+        raise ValueError(f"{op}: topk_ids must be [T={x.shape[0]}, k >= 1] (one row per token of x), "
+                         f"got {tuple(topk_ids.shape)}")
+    _check_count(op, "num_experts", num_experts)
+    check_divisible(op, "num_experts", num_experts)
+    local = num_experts // runtime.world_size()
+    check_tensor(op, "expert_x", expert_x, (x.dtype,), ndim=3)
+    if expert_x.shape[0] != local or expert_x.shape[2] != x.shape[1] or expert_x.shape[1] < 1:
+        raise ValueError(f"{op}: expert_x must be [E_local={local}, capacity >= 1, H={x.shape[1]}], "
+                         f"got {tuple(expert_x.shape)}")
+    if not expert_x.is_contiguous():
+        raise ValueError(f"{op}: expert_x must be contiguous")
+    check_tensor(op, "expert_counts", expert_counts, (torch.int32,), ndim=1)
+    if expert_counts.shape[0] != local:
+        raise ValueError(f"{op}: expert_counts must have E_local={local} elements, got {expert_counts.shape[0]}")
+    return tuple(topk_ids.shape)
+
+
+def moe_dispatch_values(x, topk_ids, num_experts, expert_x, expert_counts) -> None:
+    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    if bad.any():
+        t, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"moe_dispatch: topk_ids[{t}, {j}]={int(topk_ids[t, j])} is outside [0, {num_experts})")
+
+
+def moe_dispatch_signature(x, topk_ids, num_experts, expert_x, expert_counts) -> tuple:
+    # Ranks may have different numbers of tokens; everything else must agree.
+    return x.shape[1], str(x.dtype), topk_ids.shape[1], num_experts, tuple(expert_x.shape), str(expert_x.dtype)
+
+
+def moe_combine_shape(expert_y, topk_weights, routing) -> tuple[int, ...]:
+    op = "moe_combine"
+    check_tensor(op, "expert_y", expert_y, TOKEN_DTYPES, ndim=3)
+    if not expert_y.is_contiguous():
+        raise ValueError(f"{op}: expert_y must be contiguous")
+    check_tensor(op, "topk_weights", topk_weights, (torch.float32,), ndim=2)
+    check_tensor(op, "routing", routing, (torch.int64,), ndim=2)
+    if routing.shape != topk_weights.shape:
+        raise ValueError(f"{op}: routing {tuple(routing.shape)} and topk_weights {tuple(topk_weights.shape)} must "
+                         "have the same [T, k] shape")
+    return (routing.shape[0], expert_y.shape[2])
+
+
+def moe_combine_values(expert_y, topk_weights, routing) -> None:
+    slots = expert_y.shape[0] * expert_y.shape[1] * runtime.world_size()
+    bad = (routing < 0) | (routing >= slots)
+    if bad.any():
+        t, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"moe_combine: routing[{t}, {j}]={int(routing[t, j])} is not a slot from moe_dispatch "
+                         f"with this expert_y (expected [0, {slots}))")
+
+
+def moe_combine_signature(expert_y, topk_weights, routing) -> tuple:
+    return tuple(expert_y.shape), str(expert_y.dtype), topk_weights.shape[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # The torch backend: torch.distributed (gloo for CPU tensors, NCCL for CUDA tensors when each rank
 # owns its GPU; gloo through host copies when ranks share one GPU).
@@ -207,6 +285,72 @@ def torch_all_to_all(x: torch.Tensor) -> torch.Tensor:
     return _unwire(out, x)
 
 
+def _exchange(t: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Tensor | None = None):
+    """all_to_all of t's rows, send_counts[r] of them to rank r (already grouped by rank). Without
+    recv_counts, first learns them; returns (rows received, grouped by source rank, recv_counts)."""
+    if recv_counts is None:
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts)
+    y = _wire(t)
+    out = torch.empty((int(recv_counts.sum()), *y.shape[1:]), dtype=y.dtype, device=y.device)
+    dist.all_to_all_single(out, y, recv_counts.tolist(), send_counts.tolist())
+    return _unwire(out, t), recv_counts
+
+
+def _raise_everywhere(op: str, problem: str | None) -> None:
+    """Raises the same ValueError on every rank if any rank found a problem."""
+    problems: list = [None] * runtime.world_size()
+    dist.all_gather_object(problems, problem)
+    found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+    if found:
+        raise ValueError(f"{op}: " + "; ".join(found))
+
+
+def torch_moe_dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
+    rank, world = runtime.rank(), runtime.world_size()
+    local, capacity = expert_x.shape[0], expert_x.shape[1]
+    flat = topk_ids.reshape(-1).long().cpu()
+    # Sending in (expert, token) order groups the rows by owner rank, and the owner's stable sort by
+    # expert then yields (expert, source rank, token): the documented slot order.
+    order = torch.argsort(flat, stable=True)
+    experts = flat[order]
+    send_counts = torch.bincount(experts // local, minlength=world)
+    rows, recv_counts = _exchange(x[(order // topk_ids.shape[1]).to(x.device)], send_counts)
+    got, _ = _exchange(experts, send_counts, recv_counts)
+    by_expert = torch.argsort(got, stable=True)
+    mine = got[by_expert] - rank * local
+    counts = torch.bincount(mine, minlength=local)
+    worst = int(counts.max()) if counts.numel() else 0
+    _raise_everywhere("moe_dispatch", None if worst <= capacity else
+                      f"expert {rank * local + int(counts.argmax())} received {worst} (token, expert) pairs, "
+                      f"more than capacity={capacity} (expert_x.shape[1])")
+    slots = torch.arange(mine.numel()) - (torch.cumsum(counts, 0) - counts)[mine]
+    expert_x[mine.to(expert_x.device), slots.to(expert_x.device)] = rows[by_expert.to(rows.device)]
+    expert_counts.copy_(counts)
+    # Each slot goes back to the rank that sent the pair, in the order it sent them.
+    arrival_slots = torch.empty_like(slots)
+    arrival_slots[by_expert] = slots
+    back, _ = _exchange(arrival_slots, recv_counts, send_counts)
+    routing = torch.empty_like(flat)
+    routing[order] = experts * capacity + back
+    return routing.view(topk_ids.shape).to(topk_ids.device)
+
+
+def torch_moe_combine(expert_y, topk_weights, routing):
+    rank, world = runtime.rank(), runtime.world_size()
+    local, capacity, hidden = expert_y.shape
+    flat = routing.reshape(-1).cpu()
+    order = torch.argsort(flat // (local * capacity), stable=True)
+    send_counts = torch.bincount(flat[order] // (local * capacity), minlength=world)
+    wanted, recv_counts = _exchange(flat[order], send_counts)
+    rows = expert_y.reshape(-1, hidden)[(wanted - rank * local * capacity).to(expert_y.device)]
+    replies, _ = _exchange(rows, recv_counts, send_counts)
+    per_pair = torch.empty((flat.numel(), hidden), dtype=torch.float32, device=expert_y.device)
+    per_pair[order.to(expert_y.device)] = replies.float()
+    y = (per_pair.view(*routing.shape, hidden) * topk_weights.unsqueeze(-1)).sum(1)
+    return y.to(expert_y.dtype)
+
+
 def _gemm_ops(all_reduce, reduce_scatter, all_gather):
     """The GEMM ops as a matmul plus a collective (the unfused baseline, and the nvshmem backend's path
     until its fused kernels land)."""
@@ -246,6 +390,11 @@ OPS = (
        nvshmem_gemm_reduce_scatter),
     Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm,
        nvshmem_all_gather_gemm),
+    Op("moe_dispatch(Tensor x, Tensor topk_ids, int num_experts, Tensor(a!) expert_x, Tensor(b!) expert_counts) "
+       "-> Tensor", moe_dispatch_shape, torch_moe_dispatch, out_dtype=torch.int64,
+       signature=moe_dispatch_signature, value_check=moe_dispatch_values),
+    Op("moe_combine(Tensor expert_y, Tensor topk_weights, Tensor routing) -> Tensor", moe_combine_shape,
+       torch_moe_combine, signature=moe_combine_signature, value_check=moe_combine_values),
 )
 
 
@@ -253,14 +402,10 @@ def debug_enabled() -> bool:
     return os.environ.get("SYMCOMM_DEBUG", "0") not in ("", "0")
 
 
-def _signature(args) -> tuple:
-    return tuple((tuple(a.shape), str(a.dtype)) if isinstance(a, torch.Tensor) else repr(a) for a in args)
-
-
-def _agree_on_call(name: str, args, error: Exception | None) -> None:
+def _agree_on_call(op: Op, args, error: Exception | None) -> None:
     """Debug mode: every rank raises if any rank's call is invalid or differs from rank 0's."""
-    world = runtime.world_size()
-    mine = (None if error is None else f"{type(error).__name__}: {error}", _signature(args))
+    name, world = op.name, runtime.world_size()
+    mine = (None if error is None else f"{type(error).__name__}: {error}", op.signature(*args))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, mine)
     bad = [f"rank {r}: {err}" for r, (err, _) in enumerate(everyone) if err is not None]
@@ -288,16 +433,19 @@ def _register(op: Op) -> None:
     lib.define(op.schema)
 
     def fake(*args):
-        return args[0].new_empty(op.out_shape(*args))
+        return args[0].new_empty(op.out_shape(*args), dtype=op.out_dtype or args[0].dtype)
 
     def real(*args):
         error = None
+        debug = debug_enabled()
         try:
             op.out_shape(*args)
+            if op.value_check and (debug or not args[0].is_cuda):
+                op.value_check(*args)
         except (TypeError, ValueError) as e:
             error = e
-        if debug_enabled():
-            _agree_on_call(op.name, args, error)
+        if debug:
+            _agree_on_call(op, args, error)
         if error is not None:
             raise error
         return _pick_impl(op, args)(*args)
