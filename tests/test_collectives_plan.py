@@ -9,7 +9,6 @@ address and size it covers.
 """
 
 import ctypes
-import dataclasses
 
 import pytest
 import torch

@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m symcomm.bench all-reduce --out bench/out
     torchrun --nproc-per-node 4 -m symcomm.bench all --symmetric
     python -m symcomm.bench                      # a world of one, every benchmark
+    torchrun --nproc-per-node 2 -m symcomm.bench tp-layer   # a decoder layer at TP=2 vs TP=1 (tp_layer.py)
 
 Per row: size (nccl-tests convention: all-gather counts its output, reduce-scatter its input),
 element count, dtype, algorithm, median time (max over ranks) eager and, on a GPU, replayed from a
@@ -20,11 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 import symcomm
 from symcomm import collectives, ops, runtime
-from symcomm.bench import harness
+from symcomm.bench import harness, tp_layer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -150,7 +150,8 @@ def measured_cut(rows: list[harness.Row]) -> int | None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m symcomm.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", nargs="?", default="all", choices=[*BENCHES, "all"])
+    parser.add_argument("op", nargs="?", default="all", choices=[*BENCHES, "all", "tp-layer"],
+                        help="a collective, all of them, or tp-layer (a decoder layer's step)")
     parser.add_argument("--backend", default="auto", choices=runtime.BACKENDS)
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--min-bytes", type=harness.parse_bytes, default=None, help="default 1K")
@@ -167,6 +168,9 @@ def main() -> None:
         parser.error("--factor must be at least 2")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.op == "tp-layer":
+        tp_layer.main(args)  # it times each backend in turn, so it runs init and finalize itself
+        return
     symcomm.init(backend=args.backend)
     try:
         gpu = runtime.device().type == "cuda"

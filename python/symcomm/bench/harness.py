@@ -181,16 +181,24 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write(out_dir: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> list[Path]:
+def write_rows(out_dir: Path, stem: str, rows: list, header: dict[str, object]) -> list[Path]:
+    """Any benchmark's rows (dataclasses) as <stem>.json (with the header) and <stem>.csv."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.csv", out_dir / f"{stem}.png"]
-    paths[0].write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
-    with paths[1].open("w", newline="") as f:
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
+    with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         w.writeheader()
         w.writerows(asdict(r) for r in rows)
-    _plot(paths[2], stem, rows, header, baseline)
-    return paths
+    return [json_path, csv_path]
+
+
+def write(out_dir: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> list[Path]:
+    """A collective's rows: JSON, CSV and the bandwidth plot."""
+    png = out_dir / f"{stem}.png"
+    paths = write_rows(out_dir, stem, rows, header)
+    _plot(png, stem, rows, header, baseline)
+    return [*paths, png]
 
 
 def _plot(path: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> None:
