@@ -7,6 +7,7 @@
 #include "collectives/collectives.h"
 #include "core/device_state.h"
 #include "core/sanity.h"
+#include "moe/moe.h"
 
 #ifndef SYMCOMM_CUDA_ARCHS
 #define SYMCOMM_CUDA_ARCHS "unknown"
@@ -52,6 +53,29 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_max_blocks", &symcomm::set_max_blocks, py::arg("n"));
   m.attr("max_blocks") = symcomm::kMaxBlocks;
   m.attr("max_peers") = symcomm::kMaxPeers;
+  m.attr("max_experts") = symcomm::kMaxExperts;
+  m.attr("max_top_k") = symcomm::kMaxTopK;
+  m.def(
+      "moe_dispatch",
+      [](std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t topk_ids, std::uintptr_t positions,
+         std::uintptr_t counts, std::uintptr_t expert_x, std::uintptr_t expert_counts, std::uintptr_t routing,
+         int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype, std::int64_t grid_bytes,
+         std::uintptr_t stream) {
+        symcomm::moe_dispatch({workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, 0, 0,
+                               tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, stream});
+      },
+      "(workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, tokens, top_k, num_experts, "
+      "capacity, hidden, dtype, grid_bytes, stream)");
+  m.def(
+      "moe_combine",
+      [](std::uintptr_t workspace, std::uintptr_t expert_y, std::uintptr_t routing, std::uintptr_t weights,
+         std::uintptr_t y, int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype,
+         std::int64_t grid_bytes, std::uintptr_t stream) {
+        symcomm::moe_combine({workspace, 0, 0, 0, 0, expert_y, 0, routing, weights, y, tokens, top_k, num_experts,
+                              capacity, hidden, dtype, grid_bytes, stream});
+      },
+      "(workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, "
+      "stream)");
   m.def("workspace_data_offset", &symcomm::workspace_data_offset);
   m.def("peers_reachable", &symcomm::peers_reachable, py::arg("workspace"));
 

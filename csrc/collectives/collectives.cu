@@ -9,13 +9,13 @@
 #include <type_traits>
 
 #include "core/launch.cuh"
+#include "core/memory.cuh"
 #include "core/workspace.cuh"
 
 namespace symcomm {
 namespace {
 
 constexpr int kThreads = 512;
-int g_max_blocks = 32;
 
 // Everything a collective kernel needs; sizes here are in elements of the kernel's type.
 struct Args {
@@ -31,27 +31,6 @@ struct Args {
 
 template <typename T>
 using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
-
-// The raw type of a given size, for loads that bypass L1: a peer's data must come from L2 or the
-// peer, never from a line this SM cached before the peer wrote it.
-template <int Bytes> struct Raw;
-template <> struct Raw<1> { using type = unsigned char; };
-template <> struct Raw<2> { using type = unsigned short; };
-template <> struct Raw<4> { using type = unsigned int; };
-template <> struct Raw<8> { using type = unsigned long long; };
-template <> struct Raw<16> { using type = uint4; };
-
-template <typename V>
-__device__ __forceinline__ V load_cg(const V* p) {
-  using R = typename Raw<sizeof(V)>::type;
-  const R r = __ldcg(reinterpret_cast<const R*>(p));
-  return *reinterpret_cast<const V*>(&r);
-}
 
 // This block's share [lo, hi) of [0, len). Boundaries fall on multiples of `align` elements so that
 // vector accesses stay aligned, and every PE computes the same split, so block b of one PE reads
@@ -106,32 +85,10 @@ __device__ __forceinline__ void copy_range(const T* src, T* dst, std::int64_t lo
   for (std::int64_t i = vec_hi + threadIdx.x; i < hi; i += blockDim.x) dst[i] = load_cg(src + i);
 }
 
-// Every collective kernel starts by meeting all peers (their inputs are ready, and we learn where
-// they are) and ends by meeting them again (nobody reads our input any more, so the caller may
-// reuse it). A kernel may meet them in between too (two-shot does, once its share is reduced).
-struct Session {
-  std::uint64_t seq;
-
-  __device__ static Session open(const Args& a, Payload* peers) {
-    __shared__ std::uint64_t seq;
-    if (threadIdx.x == 0) seq = *a.ws.seq(blockIdx.x);
-    __syncthreads();
-    Session s{seq};
-    s.meet(a, peers);
-    return s;
-  }
-  __device__ void meet(const Args& a, Payload* peers) { block_barrier(a.ws, a.npes, ++seq, a.mine, peers); }
-  __device__ void close(const Args& a) {
-    __shared__ Payload ignored[kMaxPeers];
-    meet(a, ignored);
-    if (threadIdx.x == 0) *a.ws.seq(blockIdx.x) = seq;
-  }
-};
-
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(Args a) {
   __shared__ Payload peers[kMaxPeers];
-  Session s = Session::open(a, peers);
+  Session s = Session::open(a.ws, a.npes, a.mine, peers);
   const T* src[kMaxPeers];
 #pragma unroll
   for (int q = 0; q < kMaxPeers; ++q)
@@ -139,25 +96,25 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(Args a) {
   std::int64_t lo, hi;
   block_range(a.len, N, lo, hi);
   sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);
-  s.close(a);
+  s.close();
 }
 
 template <typename U>
 __global__ void __launch_bounds__(kThreads) gather_kernel(Args a) {
   __shared__ Payload peers[kMaxPeers];
-  Session s = Session::open(a, peers);
+  Session s = Session::open(a.ws, a.npes, a.mine, peers);
   std::int64_t lo, hi;
   block_range(a.len, 1, lo, hi);
   for (int q = 0; q < a.npes; ++q)
     copy_range<U, 1>(reinterpret_cast<const U*>(peer_input(a, peers[q], q)),
                      reinterpret_cast<U*>(a.dst + q * a.dst_pitch), lo, hi);
-  s.close(a);
+  s.close();
 }
 
 template <typename T, int N>
 __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   __shared__ Payload peers[kMaxPeers];
-  Session s = Session::open(a, peers);
+  Session s = Session::open(a.ws, a.npes, a.mine, peers);
   // PE q owns [part(q), part(q + 1)), on multiples of N elements; the same split on every PE.
   auto part = [&](int q) { return q >= a.npes ? a.len : a.len / N * q / a.npes * N; };
   const int me = nvshmem_my_pe();
@@ -172,14 +129,14 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   block_range(part(me + 1) - mine, N, lo, hi);
   sum_range<T, N>(src, a.npes, result, lo, hi);
 
-  s.meet(a, peers);  // every share is reduced
+  s.meet(peers);  // every share is reduced
   T* dst = reinterpret_cast<T*>(a.dst);
   for (int q = 0; q < a.npes; ++q) {
     const std::int64_t begin = part(q);
     block_range(part(q + 1) - begin, N, lo, hi);
     copy_range<T, N>(static_cast<const T*>(nvshmem_ptr(result, q)), dst + begin, lo, hi);
   }
-  s.close(a);
+  s.close();
 }
 
 template <typename F>
@@ -210,16 +167,9 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
               c.len / itemsize, reinterpret_cast<char*>(c.dst), c.dst_pitch, c.result_offset};
 }
 
-// Enough blocks to keep about 32 KB in flight per block, capped so that every PE's blocks fit on
-// the GPU at once. Depends only on the size, so it is the same on every PE.
-int grid_for(std::int64_t bytes) {
-  const std::int64_t per_block = kThreads * 16 * 4;
-  return static_cast<int>(std::clamp<std::int64_t>((bytes + per_block - 1) / per_block, 1, g_max_blocks));
-}
-
 // The N-wide kernel when the call allows 16-byte vectors, the scalar one otherwise.
 void launch_typed(const CollectiveCall& c, std::int64_t itemsize, void (*vec)(Args), void (*scalar)(Args)) {
-  launch(c.vec16 ? vec : scalar, grid_for(c.len), kThreads, 0, c.stream, make_args(c, itemsize));
+  launch(c.vec16 ? vec : scalar, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, itemsize));
 }
 
 }  // namespace
@@ -242,7 +192,7 @@ void two_shot_all_reduce(const CollectiveCall& c) {
 void gather(const CollectiveCall& c) {
   // Copies are typeless: move the widest unit the addresses and sizes allow.
   const std::uint64_t all = c.src | c.dst | static_cast<std::uint64_t>(c.src_pitch | c.dst_pitch | c.len);
-  const int grid = grid_for(c.len);
+  const int grid = grid_for(c.len, kThreads);
   if (c.vec16)
     launch(gather_kernel<uint4>, grid, kThreads, 0, c.stream, make_args(c, 16));
   else if (all % 8 == 0)
@@ -253,11 +203,6 @@ void gather(const CollectiveCall& c) {
     launch(gather_kernel<unsigned short>, grid, kThreads, 0, c.stream, make_args(c, 2));
   else
     launch(gather_kernel<unsigned char>, grid, kThreads, 0, c.stream, make_args(c, 1));
-}
-
-void set_max_blocks(int n) {
-  SYMCOMM_CHECK(n >= 1 && n <= kMaxBlocks, "max blocks must be in [1, " + std::to_string(kMaxBlocks) + "]");
-  g_max_blocks = n;
 }
 
 std::int64_t workspace_data_offset() { return static_cast<std::int64_t>(kDataOffset); }

@@ -36,9 +36,6 @@ void gather(const CollectiveCall& c);
 // every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).
 void two_shot_all_reduce(const CollectiveCall& c);
 
-// The grid size cap, the same on every PE (blocks of all PEs must be able to run at once), at most
-// kMaxBlocks (core/limits.h).
-void set_max_blocks(int n);
 // Where the data area starts in the workspace (bytes); everything before it is barrier state.
 std::int64_t workspace_data_offset();
 // Whether every PE's copy of the workspace is reachable by load/store from this PE.

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/check.h"
+#include "core/limits.h"
 
 namespace symcomm {
 
@@ -13,7 +14,15 @@ __device__ std::uint64_t g_wait_timeout_ns = 30ull * 1000 * 1000 * 1000;
 
 namespace {
 bool g_ready = false;
+int g_max_blocks = 32;
+}  // namespace
+
+void set_max_blocks(int n) {
+  SYMCOMM_CHECK(n >= 1 && n <= kMaxBlocks, "max blocks must be in [1, " + std::to_string(kMaxBlocks) + "]");
+  g_max_blocks = n;
 }
+
+int max_blocks() { return g_max_blocks; }
 
 void init_device_state(double wait_timeout_s) {
   SYMCOMM_CHECK(!g_ready, "NVSHMEM device state is already registered");

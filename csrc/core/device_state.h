@@ -13,5 +13,9 @@ bool device_state_ready();
 int init_status();
 int my_pe();
 int n_pes();
+// The grid-size cap of the communication kernels, the same on every PE (the blocks of every PE must
+// be able to run at once, since their barriers wait for each other); set at init.
+void set_max_blocks(int n);
+int max_blocks();
 
 }  // namespace symcomm

@@ -4,8 +4,17 @@
 #include <cstdint>
 
 #include "core/check.h"
+#include "core/device_state.h"
 
 namespace symcomm {
+
+// Enough blocks to keep about 32 KB in flight per block, up to the cap. Depends only on `bytes`, so
+// callers that pass a size every PE shares get the same grid on every PE.
+inline int grid_for(std::int64_t bytes, int threads) {
+  const std::int64_t per_block = static_cast<std::int64_t>(threads) * 16 * 4;
+  const std::int64_t want = (bytes + per_block - 1) / per_block;
+  return static_cast<int>(want < 1 ? 1 : want > max_blocks() ? max_blocks() : want);
+}
 
 inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 

@@ -4,5 +4,7 @@ namespace symcomm {
 
 constexpr int kMaxPeers = 8;    // PEs a kernel can talk to
 constexpr int kMaxBlocks = 64;  // blocks per collective kernel
+constexpr int kMaxExperts = 1024;  // MoE experts a dispatch can route to
+constexpr int kMaxTopK = 16;       // MoE experts per token
 
 }  // namespace symcomm

@@ -3,6 +3,8 @@
 //
 //   slots[kMaxBlocks][kMaxPeers]   barrier flags, one per (block, sending PE), each with a payload
 //   seq[kMaxBlocks]                how many barriers each block index has passed (this PE only)
+//   moe_counts[kMaxPeers][kMaxExperts]  MoE dispatch: each sender's pairs per expert
+//   moe_peers[kMaxPeers]           MoE dispatch: where each PE's expert buffer is (this PE's copy)
 //   data                           staging for inputs that are not symmetric, and two-shot results
 //
 // Synchronisation is per block: block b of every PE meets block b of every other PE, so a kernel
@@ -34,8 +36,11 @@ struct Slot {
 
 constexpr std::size_t kSlotsBytes = sizeof(Slot) * kMaxBlocks * kMaxPeers;
 constexpr std::size_t kSeqBytes = sizeof(std::uint64_t) * kMaxBlocks;
+constexpr std::size_t kMoeCountsOffset = kSlotsBytes + kSeqBytes;
+constexpr std::size_t kMoeCountsBytes = sizeof(int) * kMaxPeers * kMaxExperts;
+constexpr std::size_t kMoePeersOffset = kMoeCountsOffset + kMoeCountsBytes;
 // Data starts on a 256-byte boundary so staged rows are aligned for 16-byte vectors.
-constexpr std::size_t kDataOffset = (kSlotsBytes + kSeqBytes + 255) / 256 * 256;
+constexpr std::size_t kDataOffset = (kMoePeersOffset + sizeof(Payload) * kMaxPeers + 255) / 256 * 256;
 
 struct Workspace {
   char* base;  // this PE's workspace (symmetric)
@@ -46,6 +51,10 @@ struct Workspace {
   __device__ std::uint64_t* seq(int block) const {
     return reinterpret_cast<std::uint64_t*>(base + kSlotsBytes) + block;
   }
+  __device__ int* moe_counts(int sender) const {
+    return reinterpret_cast<int*>(base + kMoeCountsOffset) + sender * kMaxExperts;
+  }
+  __device__ Payload* moe_peers() const { return reinterpret_cast<Payload*>(base + kMoePeersOffset); }
 };
 
 __device__ __forceinline__ void store_release_sys(std::uint64_t* p, std::uint64_t v) {
@@ -77,5 +86,39 @@ __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_
   }
   __syncthreads();
 }
+
+// A kernel's part in the barrier sequence of its block index: open() meets every peer (their inputs
+// are ready, and we learn where they are), meet() again wherever the kernel needs it, close() a
+// last time (nobody reads our input any more, so the caller may reuse it) and records how far this
+// block index got. save() records without meeting, for a kernel whose last barrier was enough;
+// resume() continues a sequence a previous kernel on the same stream left open.
+struct Session {
+  Workspace ws;
+  int npes;
+  Payload mine;
+  std::uint64_t seq;
+
+  __device__ static Session open(Workspace ws, int npes, Payload mine, Payload* peers) {
+    Session s = resume(ws, npes, mine);
+    s.meet(peers);
+    return s;
+  }
+  // Picks up where the previous kernel of this block index left off, without meeting.
+  __device__ static Session resume(Workspace ws, int npes, Payload mine) {
+    __shared__ std::uint64_t start;
+    if (threadIdx.x == 0) start = *ws.seq(blockIdx.x);
+    __syncthreads();
+    return Session{ws, npes, mine, start};
+  }
+  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers); }
+  __device__ void save() {
+    if (threadIdx.x == 0) *ws.seq(blockIdx.x) = seq;
+  }
+  __device__ void close() {
+    __shared__ Payload ignored[kMaxPeers];
+    meet(ignored);
+    save();
+  }
+};
 
 }  // namespace symcomm

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from symcomm import collectives, runtime
+from symcomm import collectives, moe, runtime
 
 log = logging.getLogger("symcomm")
 
@@ -391,10 +391,10 @@ OPS = (
     Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm,
        nvshmem_all_gather_gemm),
     Op("moe_dispatch(Tensor x, Tensor topk_ids, int num_experts, Tensor(a!) expert_x, Tensor(b!) expert_counts) "
-       "-> Tensor", moe_dispatch_shape, torch_moe_dispatch, out_dtype=torch.int64,
+       "-> Tensor", moe_dispatch_shape, torch_moe_dispatch, moe.dispatch, out_dtype=torch.int64,
        signature=moe_dispatch_signature, value_check=moe_dispatch_values),
     Op("moe_combine(Tensor expert_y, Tensor topk_weights, Tensor routing) -> Tensor", moe_combine_shape,
-       torch_moe_combine, signature=moe_combine_signature, value_check=moe_combine_values),
+       torch_moe_combine, moe.combine, signature=moe_combine_signature, value_check=moe_combine_values),
 )
 
 

@@ -1,0 +1,35 @@
+#pragma once
+// MoE dispatch and combine over the symmetric heap (contract: docs/moe.md). Pointers, sizes and the
+// stream are integers; python/symcomm/moe.py validates arguments and computes, with torch ops on the
+// device, each rank's per-expert counts and each pair's position among its own pairs.
+#include <cstdint>
+
+#include "core/limits.h"
+
+namespace symcomm {
+
+struct MoeCall {
+  std::uintptr_t workspace;
+  std::uintptr_t x;             // [T, H] this rank's tokens
+  std::uintptr_t topk_ids;      // [T, k] int64
+  std::uintptr_t positions;     // [T, k] int32: the pair's index among this rank's pairs to its expert, in token order
+  std::uintptr_t counts;        // [E] int32: this rank's pairs per expert
+  std::uintptr_t expert_buf;    // symmetric [E_local, capacity, H]: expert_x (dispatch) or expert_y (combine)
+  std::uintptr_t expert_counts; // [E_local] int32 (dispatch)
+  std::uintptr_t routing;       // [T, k] int64: written by dispatch, read by combine
+  std::uintptr_t weights;       // [T, k] float32 (combine)
+  std::uintptr_t y;             // [T, H] (combine)
+  int tokens, top_k, num_experts, capacity, hidden;
+  int dtype;                    // 1 = float16, 2 = bfloat16 (combine accumulates in float32)
+  std::int64_t grid_bytes;      // sizes the grid; the same on every PE (from max tokens, not T)
+  std::uintptr_t stream;
+};
+
+// Slots are assigned by (expert, source PE, token): PE s's pair to expert e lands at
+// sum of lower PEs' counts for e + its position. Rows move with 16-byte stores into the owners'
+// expert_x; routing[t, j] = e * capacity + slot; expert_counts = rows received per local expert.
+void moe_dispatch(const MoeCall& c);
+// y[t] = sum_j weights[t, j] * expert_y at routing[t, j], read from the owners, float32 accumulation.
+void moe_combine(const MoeCall& c);
+
+}  // namespace symcomm

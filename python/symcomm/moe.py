@@ -1,0 +1,71 @@
+"""The nvshmem backend's MoE dispatch and combine: the host side of csrc/moe (contract: docs/moe.md).
+
+The host computes, with torch ops on the GPU (no host sync), this rank's pairs per expert and each
+pair's position among its own pairs to that expert; the kernels exchange the counts, place every row
+at its slot on the owner, and later pull the expert outputs back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from symcomm import runtime
+from symcomm.collectives import DTYPE_CODES
+
+
+def _context(op: str, expert_buf: torch.Tensor, name: str):
+    if not runtime.is_symmetric(expert_buf):
+        raise ValueError(f"{op}: {name} must be a symmetric tensor (symcomm.empty) on the nvshmem backend, "
+                         "since peers read or write it directly")
+    row_bytes = expert_buf.shape[2] * expert_buf.element_size()
+    if row_bytes % 16:
+        raise ValueError(f"{op}: a row of {name} ({expert_buf.shape[2]} x {expert_buf.element_size()} bytes) must "
+                         "be a multiple of 16 bytes on the nvshmem backend")
+    ws = runtime.workspace()
+    return runtime.load_extension(), ws.data_ptr(), torch.cuda.current_stream(ws.device).cuda_stream
+
+
+def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
+    # From the per-rank share of the capacity, not from this rank's T: every rank gets the same grid.
+    return capacity // runtime.world_size() * rows_per_token * row_bytes
+
+
+def pair_positions(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For flat expert ids (pairs in token order): the pairs per expert (int32 [E]) and each pair's
+    index among the pairs to its expert (int32), with device ops only."""
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+    # A stable sort by expert keeps token order within each expert.
+    order = torch.argsort(ids, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    positions = torch.empty_like(ids, dtype=torch.int32)
+    positions[order] = (torch.arange(ids.numel(), device=ids.device) - starts[ids[order]]).int()
+    return counts, positions
+
+
+def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
+    ext, ws, stream = _context("moe_dispatch", expert_x, "expert_x")
+    tokens, top_k = topk_ids.shape
+    ids = topk_ids.reshape(-1).long()
+    counts, positions = pair_positions(ids, num_experts)
+    routing = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
+    x = x.contiguous()
+    capacity, hidden = expert_x.shape[1], expert_x.shape[2]
+    ext.moe_dispatch(ws, x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
+                     expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts, capacity, hidden,
+                     DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream)
+    return routing
+
+
+def combine(expert_y, topk_weights, routing):
+    if expert_y.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"moe_combine: the nvshmem backend combines float16 or bfloat16 expert_y, got {expert_y.dtype}")
+    ext, ws, stream = _context("moe_combine", expert_y, "expert_y")
+    tokens, top_k = routing.shape
+    local, capacity, hidden = expert_y.shape
+    y = torch.empty((tokens, hidden), dtype=expert_y.dtype, device=expert_y.device)
+    routing, weights = routing.contiguous(), topk_weights.contiguous()
+    ext.moe_combine(ws, expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens, top_k,
+                    local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
+                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream)
+    return y
