@@ -1,0 +1,107 @@
+"""The nvshmem MoE kernels on the GPU: CUDA-graph replay and the overflow trap.
+
+(The contract tests in test_moe.py also run here, on the nvshmem backend.)
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import symcomm
+
+pytestmark = pytest.mark.gpu
+ops = torch.ops.symcomm
+
+
+def routed(world, gen, tokens, experts, k, hidden):
+    """Every rank's tokens and distinct top-k ids, the same lists on every rank."""
+    xs, ids = [], []
+    for _ in range(world.world_size):
+        xs.append(torch.randn(tokens, hidden, generator=gen).to(torch.bfloat16).to(world.device))
+        ids.append(torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]).to(world.device))
+    return xs, ids
+
+
+def expected_combine(x, ids, weights, rank_scale):
+    """y when every expert e multiplies its rows by rank_scale[e]."""
+    scale = rank_scale[ids].unsqueeze(-1)  # [T, k, 1]
+    return (weights.unsqueeze(-1) * scale * x.float().unsqueeze(1)).sum(1)
+
+
+@pytest.mark.dist
+def test_cuda_graph_replay_with_tokens_mutated_inside_the_graph(world, gen):
+    experts, k, hidden, tokens = 4 * world.world_size, 2, 256, 16
+    local = experts // world.world_size
+    expert_x = symcomm.empty((local, tokens * world.world_size, hidden), torch.bfloat16)
+    expert_y = symcomm.empty(tuple(expert_x.shape), torch.bfloat16)
+    counts = symcomm.empty((local,), torch.int32)
+    scale = torch.arange(1, experts + 1, device=world.device, dtype=torch.float32)
+    my_scale = scale[world.rank * local:(world.rank + 1) * local].view(local, 1, 1)
+    x = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=world.device)
+    ids = torch.empty(tokens, k, dtype=torch.int64, device=world.device)
+    weights = torch.empty(tokens, k, dtype=torch.float32, device=world.device)
+
+    def step():
+        routing = ops.moe_dispatch(x, ids, experts, expert_x, counts)
+        expert_y.copy_((expert_x.float() * my_scale).to(torch.bfloat16))
+        y = ops.moe_combine(expert_y, weights, routing)
+        x.mul_(-1)  # home rows are overwritten right away: dispatch must have finished reading them
+        return y
+
+    xs, idss = routed(world, gen, tokens, experts, k, hidden)
+    x.copy_(xs[world.rank])
+    ids.copy_(idss[world.rank])
+    weights.copy_(torch.rand(tokens, k, generator=gen))
+    stream = torch.cuda.Stream(world.device)
+    stream.wait_stream(torch.cuda.current_stream(world.device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(world.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    for _ in range(4):
+        xs, idss = routed(world, gen, tokens, experts, k, hidden)
+        w = torch.rand(tokens, k, generator=gen).to(world.device)
+        x.copy_(xs[world.rank])
+        ids.copy_(idss[world.rank])
+        weights.copy_(w)
+        graph.replay()
+        torch.cuda.synchronize(world.device)
+        ref = expected_combine(xs[world.rank], idss[world.rank], w, scale)
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+        received = sum(int((i // local == world.rank).sum()) for i in idss)
+        assert int(counts.sum()) == received
+    for t in (expert_x, expert_y, counts):
+        symcomm.free(t)
+
+
+OVERFLOW = textwrap.dedent(
+    """
+    import torch, symcomm
+    symcomm.init(backend="nvshmem")
+    x = torch.randn(8, 64, dtype=torch.bfloat16, device="cuda")
+    ids = torch.zeros(8, 1, dtype=torch.int64, device="cuda")   # 8 pairs to expert 0...
+    expert_x = symcomm.empty((2, 4, 64), torch.bfloat16)         # ...which has room for 4
+    counts = symcomm.empty((2,), torch.int32)
+    torch.ops.symcomm.moe_dispatch(x, ids, 2, expert_x, counts)
+    torch.cuda.synchronize()
+    """
+)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_overflow_stops_the_kernel_with_a_message(tmp_path):
+    script = tmp_path / "overflow.py"
+    script.write_text(OVERFLOW)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    # Any of the overflowing pairs (slots 4 to 7) may be the one that reports before the trap.
+    assert re.search(r"moe_dispatch overflows expert 0: slot [4-7] >= capacity 4", out.stdout + out.stderr), \
+        out.stderr[-3000:]
