@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 4 -m symcomm.bench all --symmetric
     python -m symcomm.bench                      # a world of one, every benchmark
     torchrun --nproc-per-node 2 -m symcomm.bench tp-layer   # a decoder layer at TP=2 vs TP=1 (tp_layer.py)
+    torchrun --nproc-per-node 2 -m symcomm.bench moe        # MoE dispatch and combine (moe.py)
 
 Per row: size (nccl-tests convention: all-gather counts its output, reduce-scatter its input),
 element count, dtype, algorithm, median time (max over ranks) eager and, on a GPU, replayed from a
@@ -25,6 +26,7 @@ import torch
 import symcomm
 from symcomm import collectives, ops, runtime
 from symcomm.bench import harness, tp_layer
+from symcomm.bench import moe as moe_bench
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -147,11 +149,40 @@ def measured_cut(rows: list[harness.Row]) -> int | None:
     return max(wins) if wins else None
 
 
+def run_collectives(args) -> None:
+    """The collectives' benchmarks: table, JSON, CSV and plot per op on rank 0."""
+    gpu = runtime.device().type == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.min_bytes = args.min_bytes or 1 << 10
+    args.max_bytes = args.max_bytes or (256 << 20 if gpu else 1 << 20)
+    header = {**harness.environment(), **harness.ceilings(runtime.device()), "symmetric_inputs": args.symmetric,
+              "op_overhead_us": harness.op_overhead_us(runtime.device())}
+    baseline = f"torch.distributed {header['pg_backend']}"
+    for name in BENCHES if args.op == "all" else [args.op]:
+        rows = run(name, BENCHES[name], args, header)
+        if runtime.rank() == 0:
+            stem = f"{name}-w{runtime.world_size()}"
+            paths = harness.write(args.out, stem, rows, header, baseline)
+            print(f"\n# {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in header.items()))
+            print(f"# baseline: {baseline} (the torch backend), eager, measured in the same run")
+            if header["backend"] == "torch":
+                print("# note: on the torch backend our op runs the baseline's code plus dispatch; "
+                      "the speedup column measures op overhead and noise only")
+            elif runtime.shared_gpu():
+                print("# note: ranks share one GPU, so the baseline is gloo through host copies, not NCCL")
+            print(harness.table(rows))
+            if args.algorithms and name == "all-reduce":
+                print(f"# measured one-shot cut-point at world {runtime.world_size()}: {measured_cut(rows)} bytes "
+                      f"(python/symcomm/tuning.json, key {header.get('gpu')!r})")
+            print(f"# wrote {', '.join(str(p) for p in paths)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m symcomm.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", nargs="?", default="all", choices=[*BENCHES, "all", "tp-layer"],
-                        help="a collective, all of them, or tp-layer (a decoder layer's step)")
+    parser.add_argument("op", nargs="?", default="all", choices=[*BENCHES, "all", "tp-layer", "moe"],
+                        help="a collective, all of them, tp-layer (a decoder layer's step) or moe (dispatch/combine)")
     parser.add_argument("--backend", default="auto", choices=runtime.BACKENDS)
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--min-bytes", type=harness.parse_bytes, default=None, help="default 1K")
@@ -173,31 +204,10 @@ def main() -> None:
         return
     symcomm.init(backend=args.backend)
     try:
-        gpu = runtime.device().type == "cuda"
-        args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-        args.min_bytes = args.min_bytes or 1 << 10
-        args.max_bytes = args.max_bytes or (256 << 20 if gpu else 1 << 20)
-        header = {**harness.environment(), **harness.ceilings(runtime.device()), "symmetric_inputs": args.symmetric,
-                  "op_overhead_us": harness.op_overhead_us(runtime.device())}
-        baseline = f"torch.distributed {header['pg_backend']}"
-        for name in BENCHES if args.op == "all" else [args.op]:
-            rows = run(name, BENCHES[name], args, header)
-            if runtime.rank() == 0:
-                stem = f"{name}-w{runtime.world_size()}"
-                paths = harness.write(args.out, stem, rows, header, baseline)
-                print(f"\n# {name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                  for k, v in header.items()))
-                print(f"# baseline: {baseline} (the torch backend), eager, measured in the same run")
-                if header["backend"] == "torch":
-                    print("# note: on the torch backend our op runs the baseline's code plus dispatch; "
-                          "the speedup column measures op overhead and noise only")
-                elif runtime.shared_gpu():
-                    print("# note: ranks share one GPU, so the baseline is gloo through host copies, not NCCL")
-                print(harness.table(rows))
-                if args.algorithms and name == "all-reduce":
-                    print(f"# measured one-shot cut-point at world {runtime.world_size()}: {measured_cut(rows)} bytes "
-                          f"(python/symcomm/tuning.json, key {header.get('gpu')!r})")
-                print(f"# wrote {', '.join(str(p) for p in paths)}")
+        if args.op == "moe":
+            moe_bench.main(args)
+        else:
+            run_collectives(args)
     finally:
         symcomm.finalize()
 

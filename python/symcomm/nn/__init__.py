@@ -21,6 +21,7 @@ from symcomm.nn.model import (
     ParallelLlama,
     random_state_dict,
 )
+from symcomm.nn.moe import ExpertParallelMoE, dense_moe
 from symcomm.nn.norm import RMSNorm
 from symcomm.nn.sharding import shard_state_dict
 
@@ -29,6 +30,7 @@ __all__ = [
     "ColumnParallelLinear",
     "DecoderLayer",
     "DenseLlama",
+    "ExpertParallelMoE",
     "LlamaConfig",
     "MLP",
     "ParallelAttention",
@@ -39,6 +41,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "copy_to_tp",
+    "dense_moe",
     "gather_from_sp",
     "gather_from_tp",
     "random_state_dict",
