@@ -349,6 +349,9 @@ def test_layer_matches_dense_forward_and_backward(world, gen, dtype, renormalize
     x = xs[me].to(dtype).to(world.device).requires_grad_()
     y = layer(x)
     y.backward(grads[me].to(dtype).to(world.device))
+    with torch.no_grad():
+        # The inference path (no copies) computes the same thing as the autograd one.
+        torch.testing.assert_close(layer(x.detach()), y.detach(), rtol=0, atol=0)
     assert len(runtime._get().symmetric) == allocations, "forward or backward allocated a symmetric tensor"
 
     # The router's gradient on each rank is its own tokens' share.

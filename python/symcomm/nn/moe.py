@@ -201,12 +201,21 @@ class ExpertParallelMoE(nn.Module):
         weights, ids = torch.softmax(logits, -1).topk(self.top_k, -1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        rows, routing = _Dispatch.apply(x, ids, self.exchange)
-        # Every local expert on its whole buffer at once; rows past its count are zero and unread.
+        if torch.is_grad_enabled():
+            rows, routing = _Dispatch.apply(x, ids, self.exchange)
+            return _Combine.apply(self._experts(rows), weights, routing, self.exchange)
+        # Inference needs no copies: the experts read the received rows in place and write straight into
+        # the buffer combine reads. Rows past an expert's count are stale; combine never reads them.
+        bufs = self.exchange
+        routing = ops.moe_dispatch(x, ids, self.num_experts, bufs.expert_x, bufs.expert_counts)
+        self._experts(bufs.expert_x, out=bufs.expert_y)
+        return ops.moe_combine(bufs.expert_y, weights, routing)
+
+    def _experts(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every local expert on its whole [capacity, H] block at once (batched over experts)."""
         gate = torch.bmm(rows, self.w_gate.transpose(1, 2))
         up = torch.bmm(rows, self.w_up.transpose(1, 2))
-        expert_y = torch.bmm(F.silu(gate) * up, self.w_down.transpose(1, 2))
-        return _Combine.apply(expert_y, weights, routing, self.exchange)
+        return torch.bmm(F.silu(gate) * up, self.w_down.transpose(1, 2), out=out)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
