@@ -18,7 +18,7 @@
 #
 # Knobs (environment): OUT (default ./out), PYTHON (python3), SYMCOMM_SITE (/tmp/site: where the
 # wheels and symcomm are installed), SYMCOMM_BUDGET_S (540), SYMCOMM_TEST_WORLDS (1,2,4),
-# SYMCOMM_BENCH_WORLDS (1,2), SYMCOMM_BENCH_OPS (all-reduce,all-to-all,moe,tp-layer), SYMCOMM_BENCH_ARGS
+# SYMCOMM_BENCH_WORLDS (1,2), SYMCOMM_BENCH_OPS (all-reduce,all-to-all,moe,tp-layer,gemm), SYMCOMM_BENCH_ARGS
 # (--algorithms --max-bytes 64M), SYMCOMM_MPS (1; 0 = don't try).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -39,7 +39,7 @@ SITE=${SYMCOMM_SITE:-/tmp/site}
 BUDGET_S=${SYMCOMM_BUDGET_S:-540}
 TEST_WORLDS=${SYMCOMM_TEST_WORLDS:-1,2,4}
 BENCH_WORLDS=${SYMCOMM_BENCH_WORLDS:-1,2}
-BENCH_OPS=${SYMCOMM_BENCH_OPS:-all-reduce,all-to-all,moe,tp-layer}
+BENCH_OPS=${SYMCOMM_BENCH_OPS:-all-reduce,all-to-all,moe,tp-layer,gemm}
 read -ra BENCH_ARGS <<<"${SYMCOMM_BENCH_ARGS:---algorithms --max-bytes 64M}"
 WORK=$(mktemp -d /tmp/gpurun.XXXXXX)
 STATE=$WORK/state.tsv        # "key<TAB>value" lines; the last one of a key wins

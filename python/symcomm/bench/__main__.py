@@ -5,6 +5,7 @@
     python -m symcomm.bench                      # a world of one, every benchmark
     torchrun --nproc-per-node 2 -m symcomm.bench tp-layer   # a decoder layer at TP=2 vs TP=1 (tp_layer.py)
     torchrun --nproc-per-node 2 -m symcomm.bench moe        # MoE dispatch and combine (moe.py)
+    torchrun --nproc-per-node 2 -m symcomm.bench gemm       # the GEMM + collective ops (gemm.py)
 
 Per row: size (nccl-tests convention: all-gather counts its output, reduce-scatter its input),
 element count, dtype, algorithm, median time (max over ranks) eager and, on a GPU, replayed from a
@@ -25,7 +26,7 @@ import torch
 
 import symcomm
 from symcomm import collectives, ops, runtime
-from symcomm.bench import harness, tp_layer
+from symcomm.bench import gemm, harness, tp_layer
 from symcomm.bench import moe as moe_bench
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -181,8 +182,10 @@ def run_collectives(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m symcomm.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("op", nargs="?", default="all", choices=[*BENCHES, "all", "tp-layer", "moe"],
-                        help="a collective, all of them, tp-layer (a decoder layer's step) or moe (dispatch/combine)")
+    parser.add_argument("op", nargs="?", default="all",
+                        choices=[*BENCHES, "all", "tp-layer", "moe", *gemm.BENCHES, "gemm"],
+                        help="a collective, all of them, tp-layer (a decoder layer's step), moe (dispatch/combine), "
+                             "a GEMM op or gemm (the three)")
     parser.add_argument("--backend", default="auto", choices=runtime.BACKENDS)
     parser.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--min-bytes", type=harness.parse_bytes, default=None, help="default 1K")
@@ -206,6 +209,8 @@ def main() -> None:
     try:
         if args.op == "moe":
             moe_bench.main(args)
+        elif args.op in (*gemm.BENCHES, "gemm"):
+            gemm.main(args)
         else:
             run_collectives(args)
     finally:

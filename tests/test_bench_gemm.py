@@ -1,0 +1,64 @@
+"""The GEMM benchmarks on the session's backend, at tiny shapes: every row timed, checked and written."""
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from symcomm.bench import gemm
+
+pytestmark = pytest.mark.dist
+
+# K and N divisible by 4 ranks.
+TINY = {"row": (gemm.Shape("tiny", 32, 8), gemm.Shape("tiny-wide", 16, 24)), "column": (gemm.Shape("tiny", 16, 24),)}
+MS = (1, 3, 8)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    for device in ("GPU", "CPU"):
+        monkeypatch.setattr(gemm, f"{device}_SHAPES", TINY)
+        monkeypatch.setattr(gemm, f"{device}_MS", MS)
+
+
+def test_rows_are_timed_checked_and_written(world, tiny, tmp_path, capsys):
+    gemm.main(argparse.Namespace(op="gemm", dtype=None, warmup=1, iters=2, out=tmp_path))
+    if world.rank != 0:
+        return
+    w = world.world_size
+    printed = capsys.readouterr().out
+    total = 0
+    for name, bench in gemm.BENCHES.items():
+        stem = tmp_path / f"{name}-w{w}"
+        rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+        # Where M is split over the ranks it is rounded up to a multiple of the world.
+        ms = list(dict.fromkeys(-(-m // w) * w for m in MS)) if bench.splits_m else list(MS)
+        shapes = TINY[bench.parallel]
+        assert [(r["shape"], r["m"]) for r in rows] == [(s.name, m) for s in shapes for m in ms]
+        for r in rows:
+            shape = next(s for s in shapes if s.name == r["shape"])
+            row_parallel = bench.parallel == "row"
+            assert (r["k"], r["n"]) == ((shape.k // w, shape.n) if row_parallel else (shape.k, shape.n // w))
+            assert r["correct"] and r["path"] == "matmul+collective"
+            times = [r[f"{t}_us"] for t in ("matmul", "comm", "unfused", "baseline", "fused")]
+            assert all(t > 0 for t in times)
+            assert r["speedup"] == pytest.approx(r["unfused_us"] / r["fused_us"])
+            assert r["overlap"] == pytest.approx((r["matmul_us"] + r["comm_us"] - r["fused_us"])
+                                                 / min(r["matmul_us"], r["comm_us"]))
+            assert r["tflops"] == pytest.approx(2 * r["m"] * r["k"] * r["n"] / r["fused_us"] / 1e6)
+        assert stem.with_suffix(".csv").read_text().count("\n") == len(rows) + 1
+        assert stem.with_suffix(".png").stat().st_size > 0
+        assert f"# {name}: " in printed
+        total += len(rows)
+    assert printed.count(" ok\n") == total
+
+
+def test_the_check_catches_a_missing_reduction(world, monkeypatch):
+    if world.world_size == 1:
+        pytest.skip("a world of one has nothing to reduce")
+    local_only = dataclasses.replace(gemm.BENCHES["gemm-all-reduce"], op=lambda a, b: a @ b)
+    monkeypatch.setitem(gemm.BENCHES, "gemm-all-reduce", local_only)
+    rows = gemm.run("gemm-all-reduce", TINY["row"][:1], (2,), torch.float32, warmup=1, iters=1)
+    assert not rows[0].correct
