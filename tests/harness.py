@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,3 +69,12 @@ def gemm_ref(a_all: list[torch.Tensor], b_all: list[torch.Tensor]) -> tuple[torc
     ref = sum(a.double() @ b.double() for a, b in zip(a_all, b_all))
     scale = sum(a.double().abs() @ b.double().abs() for a, b in zip(a_all, b_all))
     return ref, scale
+
+
+def run_alone(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
+    """Runs a Python script in a fresh process outside torchrun (a world of one), for checks that
+    leave a process unusable, such as a kernel that traps."""
+    path = tmp_path / "alone.py"
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=120)

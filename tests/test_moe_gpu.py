@@ -3,16 +3,14 @@
 (The contract tests in test_moe.py also run here, on the nvshmem backend.)
 """
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import symcomm
+from harness import run_alone
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.symcomm
@@ -97,10 +95,7 @@ OVERFLOW = textwrap.dedent(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_overflow_stops_the_kernel_with_a_message(tmp_path):
-    script = tmp_path / "overflow.py"
-    script.write_text(OVERFLOW)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    out = run_alone(tmp_path, OVERFLOW)
     assert out.returncode != 0
     # Any of the overflowing pairs (slots 4 to 7) may be the one that reports before the trap.
     assert re.search(r"moe_dispatch overflows expert 0: slot [4-7] >= capacity 4", out.stdout + out.stderr), \

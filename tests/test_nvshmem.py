@@ -3,15 +3,13 @@
 Runs on the GPU (tests/run.py --gpu only), at 1, 2 and 4 PEs; several PEs may share one GPU.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import symcomm
+from harness import run_alone
 from symcomm import runtime, sanity
 
 pytestmark = pytest.mark.gpu
@@ -92,9 +90,6 @@ TIMEOUT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_wait_times_out_naming_the_rank(tmp_path):
-    script = tmp_path / "timeout.py"
-    script.write_text(TIMEOUT_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    out = run_alone(tmp_path, TIMEOUT_SCRIPT)
     assert out.returncode != 0
     assert "symcomm: PE 0 timed out after 1.0 s waiting for sanity wait" in out.stdout + out.stderr, out.stderr[-3000:]

@@ -189,15 +189,14 @@ def baseline_transport(device: torch.device) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'shape':>14} {'M':>5} {'K':>6} {'N':>6} {'path':>17} {'matmul us':>10} {'comm us':>9} "
-            f"{'unfused us':>10} {'base us':>9} {'fused us':>9} {'speedup':>7} {'overlap':>7} {'TFLOP/s':>8} "
-            f"{'check':>6}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.shape:>14} {r.m:>5} {r.k:>6} {r.n:>6} {r.path:>17} {r.matmul_us:>10.1f} {r.comm_us:>9.1f} "
-                     f"{r.unfused_us:>10.1f} {r.baseline_us:>9.1f} {r.fused_us:>9.1f} {r.speedup:>7.2f} "
-                     f"{r.overlap:>7.2f} {r.tflops:>8.3g} {'ok' if r.correct else 'WRONG':>6}")
-    return "\n".join(lines)
+    return harness.format_table(rows, [
+        ("shape", lambda r: r.shape, ""), ("M", lambda r: r.m, "d"), ("K", lambda r: r.k, "d"),
+        ("N", lambda r: r.n, "d"), ("path", lambda r: r.path, ""), ("matmul us", lambda r: r.matmul_us, ".1f"),
+        ("comm us", lambda r: r.comm_us, ".1f"), ("unfused us", lambda r: r.unfused_us, ".1f"),
+        ("base us", lambda r: r.baseline_us, ".1f"), ("fused us", lambda r: r.fused_us, ".1f"),
+        ("speedup", lambda r: r.speedup, ".2f"), ("overlap", lambda r: r.overlap, ".2f"),
+        ("TFLOP/s", lambda r: r.tflops, ".3g"), ("check", lambda r: harness.check(r.correct), ""),
+    ])
 
 
 def write(out_dir: Path, stem: str, rows: list[Row], header: dict) -> list[Path]:

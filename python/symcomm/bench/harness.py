@@ -166,19 +166,28 @@ def environment() -> dict[str, object]:
     return info
 
 
-def _opt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def format_table(rows: list, columns: list[tuple[str, Callable, str]]) -> str:
+    """Rows as right-aligned text columns; each column is (title, value of a row, format spec), and a
+    value of None prints as "-"."""
+    cells = [[("-" if (v := get(r)) is None else format(v, spec)) for _, get, spec in columns] for r in rows]
+    widths = [max([len(title)] + [len(row[i]) for row in cells]) for i, (title, _, _) in enumerate(columns)]
+    lines = [[title for title, _, _ in columns], *cells]
+    return "\n".join(" ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
+
+
+def check(ok: bool) -> str:
+    return "ok" if ok else "WRONG"
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'size (B)':>12} {'count':>11} {'dtype':>9} {'algorithm':>15} {'eager (us)':>11} {'graph (us)':>11} "
-            f"{'algbw GB/s':>11} {'busbw GB/s':>11} {'base (us)':>11} {'speedup':>8} {'of copy':>8} {'check':>6}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.bytes:>12} {r.count:>11} {r.dtype:>9} {r.algorithm:>15} {r.time_us:>11.1f} "
-                     f"{_opt(r.graph_us, '.1f'):>11} {r.algbw_gbs:>11.2f} {r.busbw_gbs:>11.2f} {r.baseline_us:>11.1f} "
-                     f"{r.speedup:>8.2f} {_opt(r.hbm_fraction, '.0%'):>8} {'ok' if r.correct else 'WRONG':>6}")
-    return "\n".join(lines)
+    return format_table(rows, [
+        ("size (B)", lambda r: r.bytes, "d"), ("count", lambda r: r.count, "d"), ("dtype", lambda r: r.dtype, ""),
+        ("algorithm", lambda r: r.algorithm, ""), ("eager (us)", lambda r: r.time_us, ".1f"),
+        ("graph (us)", lambda r: r.graph_us, ".1f"), ("algbw GB/s", lambda r: r.algbw_gbs, ".2f"),
+        ("busbw GB/s", lambda r: r.busbw_gbs, ".2f"), ("base (us)", lambda r: r.baseline_us, ".1f"),
+        ("speedup", lambda r: r.speedup, ".2f"), ("of copy", lambda r: r.hbm_fraction, ".0%"),
+        ("check", lambda r: check(r.correct), ""),
+    ])
 
 
 def write_rows(out_dir: Path, stem: str, rows: list, header: dict[str, object]) -> list[Path]:

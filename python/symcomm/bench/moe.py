@@ -136,22 +136,21 @@ def run(configs, token_counts, dtype: torch.dtype, warmup: int, iters: int, head
     return rows
 
 
-def _opt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def table(rows: list[Row]) -> str:
-    head = (f"{'config':>16} {'E':>4} {'k':>2} {'hidden':>6} {'tokens':>6} {'dispatch us':>11} {'GB/s':>7} "
-            f"{'base us':>9} {'speedup':>7} {'combine us':>10} {'GB/s':>7} {'base us':>9} {'speedup':>7} "
-            f"{'of copy d/c':>11} {'check':>6}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.config:>16} {r.experts:>4} {r.top_k:>2} {r.hidden:>6} {r.tokens:>6} {r.dispatch_us:>11.1f} "
-                     f"{r.dispatch_gbs:>7.2f} {r.base_dispatch_us:>9.1f} {r.dispatch_speedup:>7.2f} "
-                     f"{r.combine_us:>10.1f} {r.combine_gbs:>7.2f} {r.base_combine_us:>9.1f} "
-                     f"{r.combine_speedup:>7.2f} {_opt(r.dispatch_of_copy) + '/' + _opt(r.combine_of_copy):>11} "
-                     f"{'ok' if r.correct else 'WRONG':>6}")
-    return "\n".join(lines)
+    def of_copy(r: Row) -> str | None:
+        if r.dispatch_of_copy is None:
+            return None
+        return f"{r.dispatch_of_copy:.0%}/{r.combine_of_copy:.0%}"
+
+    return harness.format_table(rows, [
+        ("config", lambda r: r.config, ""), ("E", lambda r: r.experts, "d"), ("k", lambda r: r.top_k, "d"),
+        ("hidden", lambda r: r.hidden, "d"), ("tokens", lambda r: r.tokens, "d"),
+        ("dispatch us", lambda r: r.dispatch_us, ".1f"), ("GB/s", lambda r: r.dispatch_gbs, ".2f"),
+        ("base us", lambda r: r.base_dispatch_us, ".1f"), ("speedup", lambda r: r.dispatch_speedup, ".2f"),
+        ("combine us", lambda r: r.combine_us, ".1f"), ("GB/s", lambda r: r.combine_gbs, ".2f"),
+        ("base us", lambda r: r.base_combine_us, ".1f"), ("speedup", lambda r: r.combine_speedup, ".2f"),
+        ("of copy d/c", of_copy, ""), ("check", lambda r: harness.check(r.correct), ""),
+    ])
 
 
 def write(out_dir: Path, stem: str, rows: list[Row], header: dict) -> list[Path]:

@@ -114,14 +114,13 @@ def backends(requested: str, gpu: bool) -> list[str]:
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'shape':>8} {'tokens':>6} {'backend':>8} {'TP':>3} {'SP':>3} {'time (us)':>10} {'TP=1 (us)':>10} "
-            f"{'speedup':>8} {'tokens/s':>10} {'max diff':>9} {'check':>6}")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r.shape:>8} {r.tokens:>6} {r.backend:>8} {r.tp:>3} {'on' if r.sequence_parallel else 'off':>3} "
-                     f"{r.time_us:>10.1f} {r.tp1_us:>10.1f} {r.speedup:>8.2f} {r.tokens_per_s:>10.0f} "
-                     f"{r.max_abs_diff:>9.2g} {'ok' if r.correct else 'WRONG':>6}")
-    return "\n".join(lines)
+    return harness.format_table(rows, [
+        ("shape", lambda r: r.shape, ""), ("tokens", lambda r: r.tokens, "d"), ("backend", lambda r: r.backend, ""),
+        ("TP", lambda r: r.tp, "d"), ("SP", lambda r: "on" if r.sequence_parallel else "off", ""),
+        ("time (us)", lambda r: r.time_us, ".1f"), ("TP=1 (us)", lambda r: r.tp1_us, ".1f"),
+        ("speedup", lambda r: r.speedup, ".2f"), ("tokens/s", lambda r: r.tokens_per_s, ".0f"),
+        ("max diff", lambda r: r.max_abs_diff, ".2g"), ("check", lambda r: harness.check(r.correct), ""),
+    ])
 
 
 def main(args) -> None:
