@@ -156,12 +156,13 @@ def _by_destination(x: torch.Tensor, dim: int, world: int) -> torch.Tensor:
     return x.unflatten(dim, (world, -1)).movedim(dim, 0).contiguous().view(world, -1)
 
 
-def _exchange(fn, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch_rows: bool) -> None:
-    """Runs `fn` over rows ([world, C]) in chunks of columns; this rank consumes row `rank` of every peer."""
+def _exchange(kernel: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch_rows: bool) -> None:
+    """Runs the extension's `kernel` over rows ([world, C]) in chunks of columns; this rank consumes row
+    `rank` of every peer."""
     ctx = _context()
     isz, c = x.element_size(), rows.shape[1]
+    fn, dst_pitch = getattr(ctx.ext, kernel), c * isz if dst_pitch_rows else 0
     for lo, hi in _chunks(c, isz, ctx.data_bytes // ctx.world):
-        dst_pitch = c * isz if dst_pitch_rows else 0
         _launch(fn, ctx, _source(ctx, rows, lo, hi), ctx.rank, (hi - lo) * isz, out.data_ptr() + lo * isz,
                 dst_pitch, x.dtype, _vec16((hi - lo) * isz, c * isz))
 
@@ -173,7 +174,7 @@ def reduce_scatter(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return x.clone(memory_format=torch.contiguous_format)
     rows = _by_destination(x, d, world)
     out = torch.empty(rows.shape[1], dtype=x.dtype, device=x.device)
-    _exchange(runtime.load_extension().reduce, x, rows, out, dst_pitch_rows=False)
+    _exchange("reduce", x, rows, out, dst_pitch_rows=False)
     return out.view(*x.shape[:d], x.shape[d] // world, *x.shape[d + 1:])
 
 
@@ -183,5 +184,5 @@ def all_to_all(x: torch.Tensor) -> torch.Tensor:
         return x.clone(memory_format=torch.contiguous_format)
     rows = _rows(x, world)
     out = torch.empty_like(rows)
-    _exchange(runtime.load_extension().gather, x, rows, out, dst_pitch_rows=True)
+    _exchange("gather", x, rows, out, dst_pitch_rows=True)
     return out.view(x.shape)

@@ -297,15 +297,6 @@ def _exchange(t: torch.Tensor, send_counts: torch.Tensor, recv_counts: torch.Ten
     return _unwire(out, t), recv_counts
 
 
-def _raise_everywhere(op: str, problem: str | None) -> None:
-    """Raises the same ValueError on every rank if any rank found a problem."""
-    problems: list = [None] * runtime.world_size()
-    dist.all_gather_object(problems, problem)
-    found = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
-    if found:
-        raise ValueError(f"{op}: " + "; ".join(found))
-
-
 def torch_moe_dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     rank, world = runtime.rank(), runtime.world_size()
     local, capacity = expert_x.shape[0], expert_x.shape[1]
@@ -321,9 +312,11 @@ def torch_moe_dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     mine = got[by_expert] - rank * local
     counts = torch.bincount(mine, minlength=local)
     worst = int(counts.max()) if counts.numel() else 0
-    _raise_everywhere("moe_dispatch", None if worst <= capacity else
-                      f"expert {rank * local + int(counts.argmax())} received {worst} (token, expert) pairs, "
-                      f"more than capacity={capacity} (expert_x.shape[1])")
+    overflow = runtime.problems_on_ranks(
+        None if worst <= capacity else f"expert {rank * local + int(counts.argmax())} received {worst} (token, expert) "
+        f"pairs, more than capacity={capacity} (expert_x.shape[1])")
+    if overflow:
+        raise ValueError(f"moe_dispatch: {overflow}")
     slots = torch.arange(mine.numel()) - (torch.cumsum(counts, 0) - counts)[mine]
     expert_x[mine.to(expert_x.device), slots.to(expert_x.device)] = rows[by_expert.to(rows.device)]
     expert_counts.copy_(counts)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import functools
 import importlib
 import logging
 import math
@@ -73,8 +74,10 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
+@functools.cache
 def load_extension():
-    """Imports symcomm._C, loading NVSHMEM's host library from its wheel first.
+    """Imports symcomm._C, loading NVSHMEM's host library from its wheel first (once: ops call this
+    on every launch).
 
     The wheel ships only versioned .so files in a directory no loader searches, so the library is
     opened by full path (RTLD_GLOBAL) before the extension that needs it. If torch already loaded
@@ -148,11 +151,12 @@ def _start_process_group(device: torch.device, shared_gpu: bool, timeout_s: floa
     return True
 
 
-def _agree(local: str | None) -> list[str | None]:
-    """Every rank's value of `local`, so that all ranks take the same decision or raise together."""
-    values: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, local)
-    return values
+def problems_on_ranks(problem: str | None) -> str | None:
+    """Collective: every rank's problem as "rank r: ...; ...", or None when no rank has one, so that
+    all ranks take the same decision or raise the same error."""
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    return "; ".join(f"rank {r}: {p}" for r, p in enumerate(everyone) if p) or None
 
 
 def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
@@ -179,11 +183,10 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     state.workspace[: ext.workspace_data_offset()].zero_()
     torch.cuda.synchronize(state.device)
     dist.barrier()
-    unreachable = _agree(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not reachable "
-                         "by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
-    if any(unreachable):
-        raise RuntimeError("init(backend='nvshmem'): " + "; ".join(
-            f"rank {r}: {why}" for r, why in enumerate(unreachable) if why))
+    unreachable = problems_on_ranks(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not "
+                                    "reachable by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
+    if unreachable:
+        raise RuntimeError(f"init(backend='nvshmem'): {unreachable}")
     ext.set_max_blocks(_max_blocks(state.device))
 
 
@@ -275,11 +278,9 @@ def init(backend: str = "auto", workspace_bytes: int | None = None, timeout_s: f
 def _choose_backend(requested: str, device: torch.device, rank: int) -> str:
     if requested == "torch":
         return "torch"
-    reasons = _agree(_nvshmem_unavailable_reason(device))
-    failing = {r: why for r, why in enumerate(reasons) if why is not None}
-    if not failing:
+    summary = problems_on_ranks(_nvshmem_unavailable_reason(device))
+    if summary is None:
         return "nvshmem"
-    summary = "; ".join(f"rank {r}: {why}" for r, why in failing.items())
     if requested == "nvshmem":
         raise RuntimeError(f"init(backend='nvshmem'): the nvshmem backend is unavailable ({summary})")
     if rank == 0:
