@@ -7,6 +7,7 @@
 #include "collectives/collectives.h"
 #include "core/device_state.h"
 #include "core/sanity.h"
+#include "gemm/gemm.h"
 #include "moe/moe.h"
 
 #ifndef SYMCOMM_CUDA_ARCHS
@@ -78,6 +79,32 @@ PYBIND11_MODULE(_C, m) {
       "stream)");
   m.def("workspace_data_offset", &symcomm::workspace_data_offset);
   m.def("peers_reachable", &symcomm::peers_reachable, py::arg("workspace"));
+
+  m.def("gemm_begin", &symcomm::gemm_begin, py::arg("workspace"), py::arg("stream"));
+  m.def(
+      "gemm",
+      [](std::uintptr_t workspace, int m, int n, int k, int batches, std::uintptr_t a, std::int64_t lda,
+         std::int64_t a_batch, std::uintptr_t b, std::int64_t ldb, bool b_k_major, std::uintptr_t d, std::int64_t ldd,
+         std::int64_t d_batch, std::uintptr_t bias, int dtype, bool tag_tiles, bool wait_bands, bool raster_along_m,
+         int sms, std::uintptr_t stream) {
+        symcomm::gemm({workspace, m, n, k, batches, a, lda, a_batch, b, ldb, b_k_major, d, ldd, d_batch, bias,
+                       static_cast<symcomm::GemmDType>(dtype), tag_tiles, wait_bands, raster_along_m, sms, stream});
+      },
+      "(workspace, m, n, k, batches, a, lda, a_batch, b, ldb, b_k_major, d, ldd, d_batch, bias, dtype, tag_tiles, "
+      "wait_bands, raster_along_m, sms, stream); sizes in elements");
+  m.def(
+      "gemm_comm",
+      [](std::uintptr_t workspace, int mode, int m, int n, int k, std::int64_t partial_offset,
+         std::int64_t result_offset, std::uintptr_t src, std::int64_t src_pitch, std::uintptr_t dst,
+         std::int64_t dst_pitch, int dtype, int blocks, std::uintptr_t stream) {
+        symcomm::gemm_comm({workspace, static_cast<symcomm::GemmComm>(mode), m, n, k, partial_offset, result_offset,
+                            src, src_pitch, dst, dst_pitch, static_cast<symcomm::GemmDType>(dtype), blocks, stream});
+      },
+      "(workspace, mode, m, n, k, partial_offset, result_offset, src, src_pitch, dst, dst_pitch, dtype, blocks, "
+      "stream); mode 0 all-reduce, 1 reduce-scatter, 2 all-gather; offsets in bytes, pitches in elements");
+  m.attr("gemm_tile_m") = symcomm::kTileM;
+  m.attr("gemm_tile_n") = symcomm::kTileN;
+  m.attr("max_gemm_tiles") = symcomm::kMaxGemmTiles;
 
   m.attr("nvshmem_version") = py::make_tuple(NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                                NVSHMEM_VENDOR_PATCH_VERSION);

@@ -45,3 +45,10 @@ def test_device_state_registration_raises_before_host_init():
 def test_kernel_launcher_checks_arguments_before_launch():
     with pytest.raises(RuntimeError, match="epoch must be positive"):
         ext.ring_put_signal(0, 0, 0, 0, 0, 0)
+
+
+def test_the_fused_gemm_plans_with_the_kernels_sizes():
+    from symcomm import gemm
+
+    assert (gemm.TILE_M, gemm.TILE_N, gemm.MAX_TILES) == (ext.gemm_tile_m, ext.gemm_tile_n, ext.max_gemm_tiles)
+

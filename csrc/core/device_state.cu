@@ -15,6 +15,7 @@ __device__ std::uint64_t g_wait_timeout_ns = 30ull * 1000 * 1000 * 1000;
 namespace {
 bool g_ready = false;
 int g_max_blocks = 32;
+std::uint64_t g_host_timeout_ns = 30ull * 1000 * 1000 * 1000;
 }  // namespace
 
 void set_max_blocks(int n) {
@@ -41,6 +42,7 @@ void init_device_state(double wait_timeout_s) {
                                  std::to_string(NVSHMEM_VENDOR_MINOR_VERSION) + "?)");
   const std::uint64_t ns = static_cast<std::uint64_t>(wait_timeout_s * 1e9);
   SYMCOMM_CUDA_CHECK(cudaMemcpyToSymbol(g_wait_timeout_ns, &ns, sizeof(ns)));
+  g_host_timeout_ns = ns;
   g_ready = true;
 }
 
@@ -51,6 +53,8 @@ void finalize_device_state() {
 }
 
 bool device_state_ready() { return g_ready; }
+
+std::uint64_t wait_timeout_ns() { return g_host_timeout_ns; }
 
 int init_status() { return nvshmemx_init_status(); }
 

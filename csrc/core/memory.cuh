@@ -1,5 +1,6 @@
 #pragma once
-// Vector types and loads shared by the communication kernels.
+// Vector types, loads and the memory-ordering primitives shared by the kernels (inline asm only:
+// the GEMM kernel must contain no calls, or ptxas serializes its wgmma).
 #include <cstdint>
 
 namespace symcomm {
@@ -23,6 +24,30 @@ __device__ __forceinline__ V load_cg(const V* p) {
   using R = typename Raw<sizeof(V)>::type;
   const R r = __ldcg(reinterpret_cast<const R*>(p));
   return *reinterpret_cast<const V*>(&r);
+}
+
+__device__ __forceinline__ std::uint64_t global_timer_ns() {
+  std::uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// System-scope acquire: the flag is written by another PE (another process, possibly over
+// NVLink), and the data it guards must be visible once we see the flag.
+__device__ __forceinline__ std::uint64_t load_acquire_sys(const std::uint64_t* p) {
+  std::uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release_sys(std::uint64_t* p, std::uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// A value an earlier kernel on this stream wrote (the fused GEMM's call tag): no ordering needed,
+// only a fresh read.
+__device__ __forceinline__ std::uint64_t load_tag(const std::uint64_t* epoch) {
+  return *reinterpret_cast<const volatile std::uint64_t*>(epoch);
 }
 
 }  // namespace symcomm

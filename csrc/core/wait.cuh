@@ -7,24 +7,12 @@
 
 #include <nvshmem.h>
 
+#include "core/memory.cuh"
+
 namespace symcomm {
 
 // Set from the host at init (SYMCOMM_TIMEOUT_S); lives in core/device_state.cu.
 extern __device__ std::uint64_t g_wait_timeout_ns;
-
-__device__ __forceinline__ std::uint64_t global_timer_ns() {
-  std::uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// System-scope acquire: the flag is written by another PE (another process, possibly over
-// NVLink), and the data it guards must be visible once we see the flag.
-__device__ __forceinline__ std::uint64_t load_acquire_sys(const std::uint64_t* p) {
-  std::uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
 
 // Spins until *flag >= target; on timeout prints who waited for what and traps, which surfaces on
 // the host as a CUDA error at the next synchronisation.

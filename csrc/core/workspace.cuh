@@ -5,6 +5,10 @@
 //   seq[kMaxBlocks]                how many barriers each block index has passed (this PE only)
 //   moe_counts[kMaxPeers][kMaxExperts]  MoE dispatch: each sender's pairs per expert
 //   moe_peers[kMaxPeers]           MoE dispatch: where each PE's expert buffer is (this PE's copy)
+//   gemm_epoch                     fused GEMM calls started on this PE (the tag of the current one)
+//   tile_ready[kMaxGemmTiles]      fused GEMM: this PE's partial tile t is written (tagged)
+//   tile_reduced[kMaxGemmTiles]    fused GEMM + all-reduce: tile t, owned here, is reduced (tagged)
+//   band_ready[kMaxGemmTiles]      all-gather + GEMM: band b of A rows is in this PE's gathered A
 //   data                           staging for inputs that are not symmetric, and two-shot results
 //
 // Synchronisation is per block: block b of every PE meets block b of every other PE, so a kernel
@@ -39,8 +43,11 @@ constexpr std::size_t kSeqBytes = sizeof(std::uint64_t) * kMaxBlocks;
 constexpr std::size_t kMoeCountsOffset = kSlotsBytes + kSeqBytes;
 constexpr std::size_t kMoeCountsBytes = sizeof(int) * kMaxPeers * kMaxExperts;
 constexpr std::size_t kMoePeersOffset = kMoeCountsOffset + kMoeCountsBytes;
+constexpr std::size_t kGemmEpochOffset = kMoePeersOffset + sizeof(Payload) * kMaxPeers;
+constexpr std::size_t kGemmFlagsOffset = kGemmEpochOffset + sizeof(std::uint64_t);
+constexpr std::size_t kGemmFlagsBytes = sizeof(std::uint64_t) * kMaxGemmTiles;
 // Data starts on a 256-byte boundary so staged rows are aligned for 16-byte vectors.
-constexpr std::size_t kDataOffset = (kMoePeersOffset + sizeof(Payload) * kMaxPeers + 255) / 256 * 256;
+constexpr std::size_t kDataOffset = (kGemmFlagsOffset + 3 * kGemmFlagsBytes + 255) / 256 * 256;
 
 struct Workspace {
   char* base;  // this PE's workspace (symmetric)
@@ -55,11 +62,14 @@ struct Workspace {
     return reinterpret_cast<int*>(base + kMoeCountsOffset) + sender * kMaxExperts;
   }
   __device__ Payload* moe_peers() const { return reinterpret_cast<Payload*>(base + kMoePeersOffset); }
+  __host__ __device__ std::uint64_t* gemm_epoch() const { return reinterpret_cast<std::uint64_t*>(base + kGemmEpochOffset); }
+  __host__ __device__ std::uint64_t* tile_ready() const { return gemm_flags(0); }
+  __host__ __device__ std::uint64_t* tile_reduced() const { return gemm_flags(1); }
+  __host__ __device__ std::uint64_t* band_ready() const { return gemm_flags(2); }
+  __host__ __device__ std::uint64_t* gemm_flags(int which) const {
+    return reinterpret_cast<std::uint64_t*>(base + kGemmFlagsOffset + which * kGemmFlagsBytes);
+  }
 };
-
-__device__ __forceinline__ void store_release_sys(std::uint64_t* p, std::uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
 
 // Block b of this PE meets block b of every PE. Before signalling, everything this block wrote is
 // made visible system-wide; the payload (our input's offset for this call) travels with the flag,

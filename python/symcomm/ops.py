@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from symcomm import collectives, moe, runtime
+from symcomm import collectives, gemm, moe, runtime
 
 log = logging.getLogger("symcomm")
 
@@ -138,8 +138,14 @@ def all_to_all_shape(x) -> tuple[int, ...]:
     return tuple(x.shape)
 
 
-def gemm_all_reduce_shape(a, b, bias=None) -> tuple[int, ...]:
+def check_path(op: str, path) -> None:
+    if path not in gemm.PATHS:
+        raise ValueError(f"{op}: path must be one of {gemm.PATHS}, got {path!r}")
+
+
+def gemm_all_reduce_shape(a, b, bias=None, path="auto") -> tuple[int, ...]:
     check_matmul("gemm_all_reduce", a, b)
+    check_path("gemm_all_reduce", path)
     if bias is not None:
         check_tensor("gemm_all_reduce", "bias", bias, (a.dtype,), ndim=1)
         if bias.shape[0] != b.shape[1]:
@@ -147,14 +153,16 @@ def gemm_all_reduce_shape(a, b, bias=None) -> tuple[int, ...]:
     return (a.shape[0], b.shape[1])
 
 
-def gemm_reduce_scatter_shape(a, b) -> tuple[int, ...]:
+def gemm_reduce_scatter_shape(a, b, path="auto") -> tuple[int, ...]:
     check_matmul("gemm_reduce_scatter", a, b)
+    check_path("gemm_reduce_scatter", path)
     check_divisible("gemm_reduce_scatter", "a.shape[0] (M)", a.shape[0])
     return (a.shape[0] // runtime.world_size(), b.shape[1])
 
 
-def all_gather_gemm_shape(a, b) -> tuple[int, ...]:
+def all_gather_gemm_shape(a, b, path="auto") -> tuple[int, ...]:
     check_matmul("all_gather_gemm", a, b)
+    check_path("all_gather_gemm", path)
     return (a.shape[0] * runtime.world_size(), b.shape[1])
 
 
@@ -345,26 +353,40 @@ def torch_moe_combine(expert_y, topk_weights, routing):
 
 
 def _gemm_ops(all_reduce, reduce_scatter, all_gather):
-    """The GEMM ops as a matmul plus a collective (the unfused baseline, and the nvshmem backend's path
-    until its fused kernels land)."""
+    """The GEMM ops as a matmul and then a collective: the torch backend (where `path` has no choice
+    to make), and the nvshmem backend's unfused path."""
 
-    def gemm_all_reduce(a, b, bias=None):
+    def gemm_all_reduce(a, b, bias=None, path="auto"):
         out = all_reduce(a @ b)
         return out if bias is None else out + bias
 
-    def gemm_reduce_scatter(a, b):
+    def gemm_reduce_scatter(a, b, path="auto"):
         return reduce_scatter(a @ b, 0)
 
-    def all_gather_gemm(a, b):
+    def all_gather_gemm(a, b, path="auto"):
         return all_gather(a, 0) @ b
 
     return gemm_all_reduce, gemm_reduce_scatter, all_gather_gemm
 
 
+def _fused_or(name: str, unfused):
+    """The nvshmem impl: the fused kernels or `unfused`, as gemm.choose decides (the same on every rank)."""
+
+    def impl(a, b, *args):
+        *bias, path = args
+        if gemm.path_for(name, a, b, path) == "fused":
+            return gemm.fused(name, a, b, *bias)
+        return unfused(a, b, *args)
+
+    return impl
+
+
 torch_gemm_all_reduce, torch_gemm_reduce_scatter, torch_all_gather_gemm = _gemm_ops(
     torch_all_reduce, torch_reduce_scatter, torch_all_gather)
-nvshmem_gemm_all_reduce, nvshmem_gemm_reduce_scatter, nvshmem_all_gather_gemm = _gemm_ops(
-    collectives.all_reduce, collectives.reduce_scatter, collectives.all_gather)
+nvshmem_gemm_all_reduce, nvshmem_gemm_reduce_scatter, nvshmem_all_gather_gemm = (
+    _fused_or(name, unfused) for name, unfused in zip(
+        ("gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"),
+        _gemm_ops(collectives.all_reduce, collectives.reduce_scatter, collectives.all_gather)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,12 +399,12 @@ OPS = (
     Op("reduce_scatter(Tensor x, int dim=0) -> Tensor", reduce_scatter_shape, torch_reduce_scatter,
        collectives.reduce_scatter),
     Op("all_to_all(Tensor x) -> Tensor", all_to_all_shape, torch_all_to_all, collectives.all_to_all),
-    Op("gemm_all_reduce(Tensor a, Tensor b, Tensor? bias=None) -> Tensor", gemm_all_reduce_shape,
+    Op("gemm_all_reduce(Tensor a, Tensor b, Tensor? bias=None, str path='auto') -> Tensor", gemm_all_reduce_shape,
        torch_gemm_all_reduce, nvshmem_gemm_all_reduce),
-    Op("gemm_reduce_scatter(Tensor a, Tensor b) -> Tensor", gemm_reduce_scatter_shape, torch_gemm_reduce_scatter,
-       nvshmem_gemm_reduce_scatter),
-    Op("all_gather_gemm(Tensor a, Tensor b) -> Tensor", all_gather_gemm_shape, torch_all_gather_gemm,
-       nvshmem_all_gather_gemm),
+    Op("gemm_reduce_scatter(Tensor a, Tensor b, str path='auto') -> Tensor", gemm_reduce_scatter_shape,
+       torch_gemm_reduce_scatter, nvshmem_gemm_reduce_scatter),
+    Op("all_gather_gemm(Tensor a, Tensor b, str path='auto') -> Tensor", all_gather_gemm_shape,
+       torch_all_gather_gemm, nvshmem_all_gather_gemm),
     Op("moe_dispatch(Tensor x, Tensor topk_ids, int num_experts, Tensor(a!) expert_x, Tensor(b!) expert_counts) "
        "-> Tensor", moe_dispatch_shape, torch_moe_dispatch, moe.dispatch, out_dtype=torch.int64,
        signature=moe_dispatch_signature, value_check=moe_dispatch_values),

@@ -46,6 +46,8 @@ class _State:
     symmetric: dict[int, torch.Tensor] = field(default_factory=dict)
     nvshmem_up: bool = False
     init_args: tuple = ()
+    # This rank's share of the GPU's SMs (all of them, or its MPS share), the same on every rank.
+    sms: int = 0
 
 
 _state: _State | None = None
@@ -187,15 +189,17 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
                                     "reachable by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
     if unreachable:
         raise RuntimeError(f"init(backend='nvshmem'): {unreachable}")
-    ext.set_max_blocks(_max_blocks(state.device))
+    state.sms = _sm_share(state.device)
+    # Blocks per collective kernel: no more than our SMs, so that the blocks of every rank can run at
+    # once (their barriers wait for each other).
+    ext.set_max_blocks(min(state.sms, ext.max_blocks))
 
 
-def _max_blocks(device: torch.device) -> int:
-    """Blocks per collective kernel: no more than this rank's share of the SMs, so that the blocks of
-    every rank can run at once (their barriers wait for each other); the same number on every rank."""
+def _sm_share(device: torch.device) -> int:
+    """This rank's SMs (its MPS share when several ranks share the GPU), the minimum over ranks."""
     share = _env_int("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") or 100
     sms = torch.cuda.get_device_properties(device).multi_processor_count * share // 100
-    agreed = torch.tensor([max(1, min(sms, load_extension().max_blocks))])
+    agreed = torch.tensor([max(1, sms)])
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return int(agreed)
 
@@ -353,6 +357,11 @@ def timeout_s() -> float:
 def shared_gpu() -> bool:
     """Whether several ranks share this GPU (so the process group is gloo only)."""
     return _get().shared_gpu
+
+
+def sm_count() -> int:
+    """The SMs this rank's kernels may use (nvshmem backend; the same on every rank)."""
+    return _get().sms
 
 
 def workspace() -> torch.Tensor | None:

@@ -1,0 +1,161 @@
+"""The fused GEMM ops on the GPU: both paths forced and 'auto', against a float64 reference, at
+Llama-3 tensor-parallel shard shapes and awkward M; long runs of back-to-back calls; CUDA-graph
+replay with the inputs mutated inside the graph; torch.compile.
+
+(The op contract tests in test_ops.py, opcheck included, also run here on the nvshmem backend.)
+"""
+
+import pytest
+import torch
+
+from harness import assert_close, gemm_ref
+from symcomm import gemm
+
+pytestmark = [pytest.mark.dist, pytest.mark.gpu]
+ops = torch.ops.symcomm
+
+# (K, N) of the unsharded row-parallel layers: Llama-3 8B o_proj and down_proj, 70B o_proj.
+ROW_LAYERS = [(4096, 4096), (14336, 4096), (8192, 8192)]
+MS = [1, 7, 128, 1000, 4096]
+
+
+def on_gpu(world, seed: int, shape, dtype) -> list[torch.Tensor]:
+    """Every rank's tensor, made on this rank's GPU from a seed all ranks share."""
+    g = torch.Generator(device=world.device)
+    out = []
+    for r in range(world.world_size):
+        g.manual_seed(seed * 1000 + r)
+        out.append(torch.randn(shape, generator=g, device=world.device).to(dtype))
+    return out
+
+
+def seed_of(gen) -> int:
+    return int(torch.randint(0, 2**20, (1,), generator=gen))
+
+
+def row_parallel(world, gen, m, k, n, dtype, transposed):
+    """Every rank's a [m, K/W] and b [K/W, n] (b as a transposed [n, K/W] weight when asked)."""
+    kl = k // world.world_size
+    a_all = on_gpu(world, seed_of(gen), (m, kl), dtype)
+    if transposed:
+        b_all = [w.t() for w in on_gpu(world, seed_of(gen), (n, kl), dtype)]
+    else:
+        b_all = on_gpu(world, seed_of(gen), (kl, n), dtype)
+    return a_all, b_all
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused", "auto"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["kn", "weight.t()"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("k, n", ROW_LAYERS)
+@pytest.mark.parametrize("m", MS)
+def test_gemm_all_reduce(world, gen, m, k, n, bias, transposed, path):
+    dtype = torch.bfloat16
+    a_all, b_all = row_parallel(world, gen, m, k, n, dtype, transposed)
+    c = on_gpu(world, seed_of(gen), (n,), dtype)[0] if bias else None
+    ref, scale = gemm_ref(a_all, b_all)
+    if bias:
+        ref, scale = ref + c.double(), scale + c.double().abs()
+    assert_close(ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], c, path=path), ref, scale, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, n", ROW_LAYERS[:2])
+@pytest.mark.parametrize("m_per_rank", [1, 7, 128, 1000])
+def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype, path):
+    a_all, b_all = row_parallel(world, gen, m_per_rank * world.world_size, k, n, dtype, True)
+    ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
+    assert_close(ops.gemm_reduce_scatter(a_all[world.rank], b_all[world.rank], path=path), ref, scale, dtype=dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, n", [(4096, 14336), (8192, 28672)])  # 8B and 70B gate_proj
+@pytest.mark.parametrize("m_per_rank", [1, 7, 128, 1000])
+def test_all_gather_gemm(world, gen, m_per_rank, k, n, dtype, path):
+    a_all = on_gpu(world, seed_of(gen), (m_per_rank, k), dtype)
+    w = on_gpu(world, seed_of(gen), (n // world.world_size, k), dtype)[world.rank]
+    ref, scale = gemm_ref([torch.cat(a_all)], [w.t()])
+    assert_close(ops.all_gather_gemm(a_all[world.rank], w.t(), path=path), ref, scale, dtype=dtype)
+
+
+def test_fused_refuses_float32_by_name(world):
+    a = torch.randn(256, 64, device=world.device)
+    with pytest.raises(ValueError, match=r"path='fused' cannot run here: dtype float32"):
+        ops.gemm_all_reduce(a, a.t().contiguous(), path="fused")
+    # 'auto' serves float32 through the unfused path.
+    assert ops.gemm_all_reduce(a, a.t().contiguous()).dtype == torch.float32
+
+
+def test_products_larger_than_the_workspace_come_in_pieces(world, gen):
+    # 8192 x 8192 partial sums of bf16 are 128 MiB, twice for all-reduce: more than the 64 MiB workspace.
+    a_all, b_all = row_parallel(world, gen, 8192, 8192, 8192, torch.bfloat16, True)
+    ref, scale = gemm_ref(a_all, b_all)
+    out = ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], path="fused")
+    assert_close(out, ref, scale, dtype=torch.bfloat16)
+
+
+def test_back_to_back_calls_never_read_stale_tiles(world, gen):
+    for i in range(200):
+        m = int(torch.randint(1, 3000, (1,), generator=gen)) * world.world_size
+        a_all, b_all = row_parallel(world, gen, m, 1024 * world.world_size, 1024, torch.bfloat16, i % 2 == 0)
+        a, b = a_all[world.rank], b_all[world.rank]
+        if i % 3 == 0:
+            assert_close(ops.gemm_all_reduce(a, b, path="fused"), *gemm_ref(a_all, b_all), dtype=torch.bfloat16)
+        elif i % 3 == 1:
+            ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
+            assert_close(ops.gemm_reduce_scatter(a, b, path="fused"), ref, scale, dtype=torch.bfloat16)
+        else:
+            assert_close(ops.all_gather_gemm(a, b, path="fused"), *gemm_ref([torch.cat(a_all)], [b]),
+                         dtype=torch.bfloat16)
+
+
+def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
+    m, k, n = 2048, 4096, 4096
+    a = torch.empty((m, k // world.world_size), dtype=torch.bfloat16, device=world.device)
+    w = torch.empty((n, k // world.world_size), dtype=torch.bfloat16, device=world.device)
+    stream = torch.cuda.Stream(world.device)
+    stream.wait_stream(torch.cuda.current_stream(world.device))
+    with torch.cuda.stream(stream):
+        for path in ("fused", "unfused"):  # warm up outside the capture
+            ops.gemm_all_reduce(a, w.t(), path=path)
+            ops.all_gather_gemm(a, w.t(), path=path)
+    torch.cuda.current_stream(world.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reduced = ops.gemm_all_reduce(a, w.t(), path="fused")
+        gathered = ops.all_gather_gemm(a, w.t(), path="fused")
+        # Overwriting the inputs at once catches a kernel that returns before its peers are done.
+        a.mul_(-1)
+    for _ in range(4):
+        a_all, b_all = row_parallel(world, gen, m, k, n, torch.bfloat16, True)
+        a.copy_(a_all[world.rank])
+        w.copy_(b_all[world.rank].t())
+        graph.replay()
+        torch.cuda.synchronize(world.device)
+        assert_close(reduced, *gemm_ref(a_all, b_all), dtype=torch.bfloat16)
+        assert_close(gathered, *gemm_ref([torch.cat(a_all)], [b_all[world.rank]]), dtype=torch.bfloat16)
+        assert torch.equal(a, -a_all[world.rank])
+
+
+def test_torch_compile_gives_the_eager_result(world, gen):
+    a_all, b_all = row_parallel(world, gen, 1024, 4096, 4096, torch.bfloat16, True)
+    a, b = a_all[world.rank], b_all[world.rank]
+
+    def layer(x):
+        return torch.relu(ops.gemm_all_reduce(x, b, path="fused")) * 2
+
+    eager = layer(a)
+    assert torch.equal(torch.compile(layer, fullgraph=True)(a), eager)
+    assert_close(eager, *(torch.relu(t) * 2 for t in gemm_ref(a_all, b_all)), dtype=torch.bfloat16)
+
+
+def test_the_policy_takes_the_fused_path_from_the_cut_point_on(world):
+    cut = gemm.fused_min_m(world.world_size)
+    a = torch.empty(1, 512, dtype=torch.bfloat16, device=world.device)
+    b = torch.empty(512, 4096, dtype=torch.bfloat16, device=world.device)
+    assert gemm.path_for("gemm_all_reduce", a, b) == "unfused"
+    if cut is not None:
+        big = torch.empty(cut, 512, dtype=torch.bfloat16, device=world.device)
+        assert gemm.path_for("gemm_all_reduce", big, b) == "fused"
