@@ -6,7 +6,7 @@
 #
 # Then name `.whl` in the device tool's `carry` (docs/gpu-machine.md). The GPU image is CPython 3.12 on
 # x86-64 with torch 2.11.0+cu130, nvidia-nvshmem-cu13 3.4.5, cuda-bindings/cuda-core/cuda-pathfinder,
-# numpy, cython, pytest; it lacks the three packages below. They are installed there with --no-deps,
+# numpy, cython, pytest; it lacks the packages below. They are installed there with --no-deps,
 # so each must be a single wheel whose own needs the image already meets: this script prints every
 # wheel's Requires-Dist and flags a requirement that is neither carried nor in the image.
 set -euo pipefail
@@ -21,11 +21,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #    Harmless either way: it is installed with --no-deps and no code checks it.
 #  - expecttest: in pyproject's `test` extra; torch.testing._internal.common_utils imports it
 #    (torch.library.opcheck itself does not). 8 KiB, so carried whether or not a test needs it yet.
+#  - nvidia-cutlass: a build requirement, read only for its C++ headers (the fused GEMM's core); its
+#    Python requirements (scipy, networkx, ...) are never imported, so they are not checked below.
 WHEELS=(
   nvshmem4py-cu13==0.4.1
   cuda-python==13.0.3
   expecttest==0.3.0
+  nvidia-cutlass==4.2.0.0
 )
+HEADERS_ONLY="nvidia-cutlass"
 # What the GPU image already has (docs/gpu-machine.md; KINDS.md's package list), lower-case.
 IMAGE_HAS="torch nvidia-nvshmem-cu13 cuda-bindings cuda-core cuda-pathfinder cuda-toolkit numpy cython pytest"
 
@@ -59,11 +63,11 @@ done
 awk -v s="$total" 'BEGIN { printf "  total %.2f MiB (what travels, .whl included, must stay under 64 MiB)\n", s / 1048576 }'
 
 # Each wheel's requirements (extras skipped), checked against what is carried or already there.
-python3 - "$DEST" "$IMAGE_HAS" <<'EOF'
+python3 - "$DEST" "$IMAGE_HAS" "$HEADERS_ONLY" <<'EOF'
 import re, sys, zipfile
 from pathlib import Path
 
-dest, image = Path(sys.argv[1]), set(sys.argv[2].split())
+dest, image, headers_only = Path(sys.argv[1]), set(sys.argv[2].split()), set(sys.argv[3].split())
 norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
 metas = {}
 for whl in sorted(dest.glob("*.whl")):
@@ -73,6 +77,9 @@ for whl in sorted(dest.glob("*.whl")):
     metas[name] = [r for r in re.findall(r"^Requires-Dist: (.+)$", text, re.M) if "extra ==" not in r]
 missing = []
 for name, reqs in metas.items():
+    if name in headers_only:
+        print(f"{name}: headers only, requirements not needed")
+        continue
     print(f"{name} requires:")
     for req in reqs:
         dep = norm(re.match(r"[A-Za-z0-9_.\-]+", req).group(0))

@@ -469,7 +469,8 @@ main() {
     single=("${no_single[@]}")
   done
 
-  # --- 7. Benchmarks, each rank with an equal share of the SMs under MPS.
+  # --- 7. Benchmarks, each rank with an equal share of the SMs under MPS, and a workspace that holds
+  # the fused GEMM's largest partial product (8192 x 8192 bf16 = 128 MiB) in one piece.
   mkdir -p "$WORK/bench"
   local op
   i=0
@@ -477,7 +478,7 @@ main() {
     for w in "${bench_worlds[@]}"; do
       share=$((($(left) - 20) / (n_bench - i)))
       i=$((i + 1))
-      CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / w)) step "bench-$op-w$w" "$share" \
+      SYMCOMM_WORKSPACE_BYTES=$((288 << 20)) CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$((100 / w)) step "bench-$op-w$w" "$share" \
         "${torchrun[@]}" --nproc-per-node "$w" -m symcomm.bench "$op" "${BENCH_ARGS[@]}" --out "$WORK/bench"
       reap_gpu
     done

@@ -62,3 +62,15 @@ def test_the_check_catches_a_missing_reduction(world, monkeypatch):
     monkeypatch.setitem(gemm.BENCHES, "gemm-all-reduce", local_only)
     rows = gemm.run("gemm-all-reduce", TINY["row"][:1], (2,), torch.float32, warmup=1, iters=1)
     assert not rows[0].correct
+
+
+def test_the_cut_point_is_where_fused_starts_winning_for_good():
+    def rows(shape, times):  # (M, fused us, unfused us)
+        return [gemm.Row("gemm-all-reduce", shape, m, 8, 8, "bfloat16", "fused", 1.0, 1.0, unfused, 1.0, fused,
+                         unfused / fused, 0.0, 1.0, True) for m, fused, unfused in times]
+
+    wins_late = rows("a", [(1, 5, 1), (64, 1, 2), (128, 3, 2), (256, 1, 2), (512, 1, 2)])
+    assert gemm.fused_min_m(wins_late) == 256
+    assert gemm.fused_min_m(wins_late + rows("b", [(1, 1, 2), (512, 1, 2)])) == 256
+    assert gemm.fused_min_m(wins_late + rows("c", [(1, 1, 2), (300, 2, 1), (512, 1, 2)])) == 512
+    assert gemm.fused_min_m(rows("d", [(1, 1, 2), (512, float("nan"), 2)])) is None

@@ -11,9 +11,12 @@ run's W ranks, for M (tokens) from 1 to 8192:
 Per row (median over iterations, max over ranks): the matmul alone; our collective alone on the
 tensor it moves in the op (the matmul's output; for all-gather-gemm, a); unfused = the matmul and our
 collective (torch.ops.symcomm.*) one after the other; baseline = the same with the torch backend's
-collective (ops.torch_*); fused = the op itself. speedup = unfused / fused; overlap = (matmul + comm
-- fused) / min(matmul, comm): 1 when the shorter part is wholly hidden, 0 when the op costs the sum
-of its parts. TFLOP/s = 2 M K N / fused, for the matmul each rank runs (the M, K, N columns).
+collective (ops.torch_*); fused = the op with path='fused' (on the torch backend, which has one path:
+the op itself; blank where the fused kernels cannot take the shape). path = what path='auto' takes.
+speedup = unfused / fused; overlap = (matmul + comm - fused) / min(matmul, comm): 1 when the shorter
+part is wholly hidden, 0 when the op costs the sum of its parts. TFLOP/s = 2 M K N / fused, for the
+matmul each rank runs (the M, K, N columns). Each table ends with the M from which fused beats
+unfused at every larger M of every shape: the number for tuning.json's gemm_fused_min_m.
 
 Where M is split over the ranks (reduce-scatter's output rows, all-gather's input rows) it is rounded
 up to a multiple of W, as a model pads its tokens.
@@ -32,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from symcomm import ops, runtime
+from symcomm import gemm, ops, runtime
 from symcomm.bench import harness
 
 
@@ -98,7 +101,7 @@ class Row:
     k: int
     n: int
     dtype: str
-    path: str  # how the op computed (path_of)
+    path: str  # what path='auto' takes (path_of)
     matmul_us: float  # median over iterations, max over ranks
     comm_us: float
     unfused_us: float
@@ -110,11 +113,40 @@ class Row:
     correct: bool
 
 
-def path_of(op: str, a: torch.Tensor, b: torch.Tensor) -> str:
-    """How torch.ops.symcomm.<op> computes on these operands. Today both backends run the matmul and
-    the collective one after the other (ops._gemm_ops); a fused kernel is to report itself here, from
-    the same rule that picks it."""
-    return "matmul+collective"
+def _op_name(bench_name: str) -> str:
+    return bench_name.replace("-", "_")
+
+
+def fused_runs(name: str, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the op has a fused path here for these operands (the torch backend has one path)."""
+    if runtime.backend() != "nvshmem":
+        return True
+    try:
+        gemm.path_for(_op_name(name), a, b, "fused")
+    except ValueError:
+        return False
+    return True
+
+
+def path_of(name: str, a: torch.Tensor, b: torch.Tensor) -> str:
+    """How torch.ops.symcomm.<op> computes on these operands with path='auto' (gemm.choose's rule)."""
+    if runtime.backend() != "nvshmem":
+        return "matmul+collective"
+    return gemm.path_for(_op_name(name), a, b)
+
+
+def fused_min_m(rows: list[Row]) -> int | None:
+    """The smallest M from which the fused path beats unfused at every larger M, in every shape."""
+    worst = None
+    for shape in dict.fromkeys(r.shape for r in rows):
+        mine = sorted((r for r in rows if r.shape == shape), key=lambda r: r.m)
+        first = len(mine)  # the start of the last run of wins (a NaN fused time never wins)
+        while first > 0 and mine[first - 1].fused_us < mine[first - 1].unfused_us:
+            first -= 1
+        if first == len(mine):
+            return None
+        worst = max(worst or 0, mine[first].m)
+    return worst
 
 
 def shard_shapes(bench: Bench, shape: Shape, m: int, world: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -145,7 +177,10 @@ def run_one(name: str, bench: Bench, shape: Shape, m: int, dtype: torch.dtype, w
     every = [integer_inputs(r, a_shape, b_shape, dtype, dev) for r in range(world)]
     a, b = every[rank]
     expected = bench.reference([x for x, _ in every], [y for _, y in every], rank, world)
-    correct = harness.all_ranks(torch.equal(bench.op(a, b).double(), expected))
+    has_fused = fused_runs(name, a, b)
+    fused_op = (lambda x, y: bench.op(x, y, path="fused")) if runtime.backend() == "nvshmem" else bench.op
+    outputs = [bench.op(a, b)] + ([fused_op(a, b)] if has_fused else [])
+    correct = harness.all_ranks(all(torch.equal(out.double(), expected) for out in outputs))
     del every, expected  # the other ranks' inputs and the float64 product: memory the timing can use
     a.normal_()
     b.normal_()
@@ -160,7 +195,7 @@ def run_one(name: str, bench: Bench, shape: Shape, m: int, dtype: torch.dtype, w
     comm = timed(lambda: bench.ours(moved))
     unfused = timed(lambda: bench.unfused(bench.ours, a, b))
     baseline = timed(lambda: bench.unfused(bench.theirs, a, b))
-    fused = timed(lambda: bench.op(a, b))
+    fused = timed(lambda: fused_op(a, b)) if has_fused else float("nan")
     k, n = b.shape
     return Row(name, shape.name, m, k, n, str(dtype).removeprefix("torch."), path_of(name, a, b), matmul, comm,
                unfused, baseline, fused, unfused / fused, (matmul + comm - fused) / min(matmul, comm),
@@ -259,4 +294,8 @@ def main(args) -> None:
             print("# note: on the torch backend our collectives and the op run the baseline's code plus dispatch; "
                   "unfused, baseline and fused differ by that overhead and noise only")
         print(table(rows))
+        if header["backend"] == "nvshmem":
+            cut = fused_min_m(rows)
+            print(f"# fused beats unfused from M={cut} on, in every shape" if cut is not None else
+                  "# fused does not beat unfused at the largest M of every shape")
         print(f"# wrote {', '.join(str(p) for p in paths)}")
