@@ -145,6 +145,9 @@ BAD_CALLS = [
     (lambda x: ops.gemm_all_reduce(x, x.t().double()), TypeError, r"b must match a's dtype"),
     (lambda x: ops.gemm_all_reduce(x, x.t(), x[0]), ValueError, r"bias has 5 elements, expected N=3"),
     (lambda x: ops.gemm_all_reduce(x[0], x), ValueError, r"gemm_all_reduce: a must be 2-D"),
+    (lambda x: ops.gemm_all_reduce(x, x.t(), path="fastest"), ValueError,
+     r"gemm_all_reduce: path must be one of \('auto', 'fused', 'unfused'\), got 'fastest'"),
+    (lambda x: ops.all_gather_gemm(x, x.t(), path="Fused"), ValueError, r"all_gather_gemm: path must be one of"),
 ]
 
 

@@ -237,7 +237,7 @@ void gemm_comm(const GemmCommCall& c) {
   SYMCOMM_CHECK(npes <= kMaxPeers, "at most " + std::to_string(kMaxPeers) + " PEs are supported");
   SYMCOMM_CHECK(c.blocks >= 2 && c.blocks <= kMaxBlocks,
                 "the comm kernel needs 2 to " + std::to_string(kMaxBlocks) + " blocks, got " + std::to_string(c.blocks));
-  SYMCOMM_CHECK(c.workspace % 256 == 0 && c.partial_offset % 16 == 0 && c.result_offset % 16 == 0 &&
+  SYMCOMM_CHECK(c.workspace % 16 == 0 && c.partial_offset % 16 == 0 && c.result_offset % 16 == 0 &&
                     (c.src | c.dst) % 16 == 0 && (c.n | c.k | c.src_pitch | c.dst_pitch) % kVec == 0,
                 "the comm kernel moves 16-byte vectors: addresses, n, k and pitches must be multiples of 16 bytes");
   if (c.mode == GemmComm::kAllGather)
