@@ -257,3 +257,18 @@ def test_the_path_follows_the_cut_point_the_sizes_and_the_request(world, monkeyp
     monkeypatch.setenv(gemm.PATH_ENV, "fastest")
     with pytest.raises(ValueError, match="SYMCOMM_GEMM_PATH='fastest'"):
         gemm.choose("gemm_all_reduce", 1, 4096, 1024, torch.bfloat16, 4, big)
+
+
+@pytest.mark.parametrize("op, extra", [("gemm_all_reduce", (None,)), ("gemm_reduce_scatter", ()),
+                                       ("all_gather_gemm", ())])
+def test_the_nvshmem_impl_sees_the_path_however_the_call_spells_it(world, monkeypatch, op, extra):
+    from symcomm import ops
+
+    asked = []
+    monkeypatch.setattr(gemm, "path_for", lambda name, a, b, path: asked.append((name, path)) or "fused")
+    monkeypatch.setattr(gemm, "fused", lambda name, a, b, *bias: ("fused", bias))
+    impl = getattr(ops, f"nvshmem_{op}")
+    a = torch.ones(4, 8)
+    assert impl(a, a.t()) == ("fused", extra)
+    assert impl(a, a.t(), *extra, "unfused") == ("fused", extra)
+    assert asked == [(op, "auto"), (op, "unfused")]

@@ -371,9 +371,11 @@ def _gemm_ops(all_reduce, reduce_scatter, all_gather):
 
 def _fused_or(name: str, unfused):
     """The nvshmem impl: the fused kernels or `unfused`, as gemm.choose decides (the same on every rank)."""
+    # The dispatcher passes the arguments the caller gave, without the schema's defaults: fill them in.
+    defaults = unfused.__defaults__
 
     def impl(a, b, *args):
-        *bias, path = args
+        *bias, path = args + defaults[len(args):]
         if gemm.path_for(name, a, b, path) == "fused":
             return gemm.fused(name, a, b, *bias)
         return unfused(a, b, *args)
