@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -78,3 +79,30 @@ def run_alone(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
     path.write_text(script)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     return subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def read(address: int, nbytes: int) -> torch.Tensor:
+    """A copy of the nbytes at a host address (what a stand-in for a kernel reads)."""
+    return torch.frombuffer(bytearray((ctypes.c_char * nbytes).from_address(address)), dtype=torch.uint8) \
+        if nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def write(address: int, data: torch.Tensor) -> None:
+    ctypes.memmove(address, data.contiguous().data_ptr(), data.numel() * data.element_size())
+
+
+def on_gpu(world, seed: int, shape, dtype) -> list[torch.Tensor]:
+    """Every rank's input, made on this rank's GPU from a seed all ranks share (no host copies)."""
+    g = torch.Generator(device=world.device)
+    out = []
+    for r in range(world.world_size):
+        g.manual_seed(seed * 1000 + r)
+        if dtype.is_floating_point and dtype.itemsize > 1:
+            out.append(torch.randn(shape, generator=g, device=world.device).to(dtype))
+        else:
+            out.append(torch.randint(1, 8, shape, generator=g, device=world.device).to(dtype))
+    return out
+
+
+def seed_of(gen) -> int:
+    return int(torch.randint(0, 2**20, (1,), generator=gen))

@@ -8,23 +8,10 @@ import pytest
 import torch
 
 import symcomm
-from harness import assert_close
+from harness import assert_close, on_gpu, seed_of
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
 ops = torch.ops.symcomm
-
-
-def on_gpu(world, seed: int, shape, dtype) -> list[torch.Tensor]:
-    """Every rank's input, made on this rank's GPU from a seed all ranks share (no host copies)."""
-    g = torch.Generator(device=world.device)
-    out = []
-    for r in range(world.world_size):
-        g.manual_seed(seed * 1000 + r)
-        if dtype.is_floating_point and dtype.itemsize > 1:
-            out.append(torch.randn(shape, generator=g, device=world.device).to(dtype))
-        else:
-            out.append(torch.randint(1, 8, shape, generator=g, device=world.device).to(dtype))
-    return out
 
 
 def gpu_sum(xs):
@@ -35,10 +22,6 @@ def symmetric_copy(x: torch.Tensor) -> torch.Tensor:
     s = symcomm.empty(tuple(x.shape), x.dtype)
     s.copy_(x)
     return s
-
-
-def seed_of(gen) -> int:
-    return int(torch.randint(0, 2**20, (1,), generator=gen))
 
 
 @pytest.mark.parametrize("algorithm", ["one_shot", "two_shot", "auto"])

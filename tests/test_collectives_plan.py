@@ -8,28 +8,17 @@ same sequence of kernels (same sizes, same vector width), and a 16-byte claim ho
 address and size it covers.
 """
 
-import ctypes
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import symcomm
-from harness import assert_close, every_rank, sum_ref
+from harness import assert_close, every_rank, read, sum_ref, write
 from symcomm import collectives, runtime
 
 pytestmark = pytest.mark.dist
 
 DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
-
-
-def read(address: int, nbytes: int) -> torch.Tensor:
-    return torch.frombuffer(bytearray((ctypes.c_char * nbytes).from_address(address)), dtype=torch.uint8) \
-        if nbytes else torch.empty(0, dtype=torch.uint8)
-
-
-def write(address: int, data: torch.Tensor) -> None:
-    ctypes.memmove(address, data.contiguous().data_ptr(), data.numel())
 
 
 class Kernels:

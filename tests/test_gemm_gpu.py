@@ -8,7 +8,7 @@ replay with the inputs mutated inside the graph; torch.compile.
 import pytest
 import torch
 
-from harness import assert_close, gemm_ref
+from harness import assert_close, gemm_ref, on_gpu, seed_of
 from symcomm import gemm
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
@@ -17,20 +17,6 @@ ops = torch.ops.symcomm
 # (K, N) of the unsharded row-parallel layers: Llama-3 8B o_proj and down_proj, 70B o_proj.
 ROW_LAYERS = [(4096, 4096), (14336, 4096), (8192, 8192)]
 MS = [1, 7, 128, 1000, 4096]
-
-
-def on_gpu(world, seed: int, shape, dtype) -> list[torch.Tensor]:
-    """Every rank's tensor, made on this rank's GPU from a seed all ranks share."""
-    g = torch.Generator(device=world.device)
-    out = []
-    for r in range(world.world_size):
-        g.manual_seed(seed * 1000 + r)
-        out.append(torch.randn(shape, generator=g, device=world.device).to(dtype))
-    return out
-
-
-def seed_of(gen) -> int:
-    return int(torch.randint(0, 2**20, (1,), generator=gen))
 
 
 def row_parallel(world, gen, m, k, n, dtype, transposed):

@@ -9,14 +9,12 @@ adds the bias. The stand-in also checks what the kernels rely on: every rank lau
 kernels with the same sizes, 16-byte alignment, the tile limits, and a tag per call.
 """
 
-import ctypes
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import symcomm
-from harness import assert_close, every_rank, gemm_ref
+from harness import assert_close, every_rank, gemm_ref, read, write
 from symcomm import gemm, runtime
 
 pytestmark = pytest.mark.dist
@@ -28,13 +26,8 @@ WORKSPACE_DATA = 40 << 10  # small, so that products come in pieces
 def view(address: int, dtype: torch.dtype, shape, strides) -> tuple[torch.Tensor, torch.Tensor]:
     """(the bytes under a strided [shape] of `dtype` at `address`, the strided view into them)."""
     isz = torch.empty((), dtype=dtype).element_size()
-    extent = (sum((s - 1) * st for s, st in zip(shape, strides)) + 1) * isz
-    raw = torch.frombuffer(bytearray((ctypes.c_char * extent).from_address(address)), dtype=torch.uint8)
+    raw = read(address, (sum((s - 1) * st for s, st in zip(shape, strides)) + 1) * isz)
     return raw, raw.view(dtype).as_strided(shape, strides)
-
-
-def write_back(address: int, raw: torch.Tensor) -> None:
-    ctypes.memmove(address, raw.data_ptr(), raw.numel())
 
 
 def same_on_every_rank(what) -> None:
@@ -91,7 +84,7 @@ class Kernels:
             self.bias_added = True
             out += view(bias, t, (n,), (1,))[1].double()
         dv.copy_(out.to(t))
-        write_back(d, raw)
+        write(d, raw)
         if tag_tiles:
             self._run_pending()
 
@@ -115,7 +108,7 @@ class Kernels:
             dist.all_gather(every, mine)
             raw, gathered = view(workspace + partial_offset, t, (world, m, k), (m * k, k, 1))
             gathered.copy_(torch.stack(every))
-            write_back(workspace + partial_offset, raw)
+            write(workspace + partial_offset, raw)
             return
         assert mode != 1 or m % world == 0
         total = view(workspace + partial_offset, t, (m, n), (n, 1))[1].double()
@@ -124,7 +117,7 @@ class Kernels:
             total = total.chunk(world)[rank]
         raw, out = view(dst, t, tuple(total.shape), (dst_pitch, 1))
         out.copy_(total.to(t))
-        write_back(dst, raw)
+        write(dst, raw)
 
 
 def without_streams(ctx, comm, gemm_launch):

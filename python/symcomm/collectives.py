@@ -91,6 +91,13 @@ def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
     return x.contiguous().view(n_rows, -1)
 
 
+def tuned(key: str) -> dict:
+    """tuning.json's table `key` for this rank's GPU (by name), or its 'default'."""
+    table = _TUNING[key]
+    device = runtime.device()
+    return table.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", table["default"])
+
+
 def choose_all_reduce(nbytes: int, world: int, algorithm: str = "auto") -> str:
     """one_shot (latency: each rank reads all inputs) below the cut-point for this GPU and world size,
     two_shot (bandwidth: reduce-scatter then all-gather) above it."""
@@ -100,10 +107,7 @@ def choose_all_reduce(nbytes: int, world: int, algorithm: str = "auto") -> str:
             raise ValueError(f"{ALGORITHM_ENV}={algorithm!r}; expected one of {ALGORITHMS}")
     if algorithm != "auto":
         return algorithm
-    table = _TUNING["all_reduce_one_shot_max_bytes"]
-    device = runtime.device()
-    cuts = table.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", table["default"])
-    return "one_shot" if nbytes <= cuts[str(world)] else "two_shot"
+    return "one_shot" if nbytes <= tuned("all_reduce_one_shot_max_bytes")[str(world)] else "two_shot"
 
 
 def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:

@@ -19,10 +19,9 @@ Each op has two paths, and every rank takes the same one (the choice depends on 
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -32,7 +31,7 @@ PATHS = ("auto", "fused", "unfused")
 PATH_ENV = "SYMCOMM_GEMM_PATH"
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 MODES = {"gemm_all_reduce": 0, "gemm_reduce_scatter": 1, "all_gather_gemm": 2}
-_TUNING = json.loads((Path(__file__).with_name("tuning.json")).read_text())
+_TUNING = collectives._TUNING
 # The kernels' fixed sizes (csrc/gemm/gemm.h, csrc/core/limits.h), known here without a GPU build.
 TILE_M, TILE_N, MAX_TILES = 128, 256, 8192
 _ALIGN = 256  # workspace areas start on 256-byte boundaries
@@ -56,6 +55,7 @@ class Plan:
     result: int = 0
 
 
+@functools.lru_cache(maxsize=1024)  # asked twice per call (choose, then fused), with the same sizes every layer
 def fused_plan(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data_bytes: int) -> Plan | str:
     """The fused path's plan for this call, or why it cannot run (the same answer on every rank)."""
     if dtype not in DTYPE_CODES:
@@ -90,10 +90,7 @@ def fused_plan(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, 
 
 def fused_min_m(world: int) -> int | None:
     """From how many rows (of the GEMM each rank runs) 'auto' fuses on this GPU; None: never."""
-    table = _TUNING["gemm_fused_min_m"]
-    device = runtime.device()
-    cuts = table.get(torch.cuda.get_device_name(device) if device.type == "cuda" else "", table["default"])
-    return cuts.get(str(world))
+    return collectives.tuned("gemm_fused_min_m").get(str(world))
 
 
 def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data_bytes: int,
@@ -172,7 +169,9 @@ def _overlapped(ctx, comm, gemm) -> None:
     """Runs comm(stream) on a side stream alongside gemm(stream) on the current one, after gemm_begin
     and before anything queued later (fork and join: also how it is captured in a CUDA graph)."""
     main = torch.cuda.current_stream()
-    side = _side_streams.setdefault(main.device, torch.cuda.Stream(main.device))
+    side = _side_streams.get(main.device)
+    if side is None:
+        side = _side_streams[main.device] = torch.cuda.Stream(main.device)
     ctx.ext.gemm_begin(ctx.workspace, main.cuda_stream)
     side.wait_stream(main)
     comm(side.cuda_stream)  # queued first, so that its blocks find free SMs before the GEMM fills them
@@ -197,7 +196,8 @@ def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None =
     lhs, rhs = _rows_operand(a), _weight(b)
     out = torch.empty((m * world if op == "all_gather_gemm" else m // world if op == "gemm_reduce_scatter" else m, n),
                       dtype=a.dtype, device=a.device)
-    bias = _aligned_copy(bias) if bias is not None else None
+    if bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16):
+        bias = _aligned_copy(bias)
     blocks = _comm_blocks()
     sms = max(1, runtime.sm_count() - (blocks if world > 1 else 0))
     data = ctx.data - ctx.workspace  # the data area's offset in the workspace

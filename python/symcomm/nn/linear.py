@@ -106,6 +106,18 @@ class _ParallelLinear(nn.Module):
             # Zero, not random: the row-parallel bias is replicated and must be equal on every rank.
             nn.init.zeros_(self.bias)
 
+    @classmethod
+    def _shard_of(cls, linear: nn.Linear, weight_dim: int, split_bias: bool, *flags):
+        """This rank's shard of a full nn.Linear: the weight split along weight_dim, the bias split
+        (column-parallel) or replicated (row-parallel); flags go to the constructor."""
+        rank, world = runtime.rank(), runtime.world_size()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, *flags, device="meta",
+                     dtype=linear.weight.dtype)
+        bias = None if linear.bias is None else linear.bias.detach()
+        if bias is not None:
+            bias = split(bias, 0, rank, world) if split_bias else bias.clone()
+        return load_shards(module, {"weight": split(linear.weight.detach(), weight_dim, rank, world), "bias": bias})
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"local_weight={tuple(self.weight.shape)}, sequence_parallel={self.sequence_parallel}")
@@ -130,11 +142,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def from_dense(cls, linear: nn.Linear, gather_output: bool = False,
                    sequence_parallel: bool = False) -> ColumnParallelLinear:
         """This rank's shard of a full nn.Linear."""
-        rank, world = runtime.rank(), runtime.world_size()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output,
-                     sequence_parallel, device="meta", dtype=linear.weight.dtype)
-        bias = None if linear.bias is None else split(linear.bias.detach(), 0, rank, world)
-        return load_shards(module, {"weight": split(linear.weight.detach(), 0, rank, world), "bias": bias})
+        return cls._shard_of(linear, 0, True, gather_output, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
@@ -164,11 +172,7 @@ class RowParallelLinear(_ParallelLinear):
     def from_dense(cls, linear: nn.Linear, input_is_parallel: bool = True,
                    sequence_parallel: bool = False) -> RowParallelLinear:
         """This rank's shard of a full nn.Linear."""
-        rank, world = runtime.rank(), runtime.world_size()
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel,
-                     sequence_parallel, device="meta", dtype=linear.weight.dtype)
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return load_shards(module, {"weight": split(linear.weight.detach(), 1, rank, world), "bias": bias})
+        return cls._shard_of(linear, 1, False, input_is_parallel, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
