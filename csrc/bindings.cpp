@@ -13,6 +13,15 @@
 #ifndef SYMCOMM_CUDA_ARCHS
 #define SYMCOMM_CUDA_ARCHS "unknown"
 #endif
+// The emulated build (csrc/emu/) is the module _emu, with the emulation's controls beside the kernels.
+#ifdef SYMCOMM_EMU
+#define SYMCOMM_MODULE _emu
+namespace symcomm::emu {
+void bind(pybind11::module_& m);
+}
+#else
+#define SYMCOMM_MODULE _C
+#endif
 
 namespace py = pybind11;
 
@@ -29,7 +38,7 @@ void call(std::uintptr_t workspace, std::uintptr_t src, std::int64_t src_pitch, 
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(SYMCOMM_MODULE, m) {
   m.doc() = "symcomm CUDA/NVSHMEM kernels (pointer-level API; use symcomm.* instead)";
 
   m.def("init_device_state", &symcomm::init_device_state, py::arg("wait_timeout_s"));
@@ -110,4 +119,7 @@ PYBIND11_MODULE(_C, m) {
                                                NVSHMEM_VENDOR_PATCH_VERSION);
   m.attr("cuda_version") = CUDART_VERSION;
   m.attr("cuda_archs") = SYMCOMM_CUDA_ARCHS;
+#ifdef SYMCOMM_EMU
+  symcomm::emu::bind(m);
+#endif
 }

@@ -49,7 +49,7 @@ class Kernels:
         dist.all_gather_object(everyone, plan)
         assert all(p == plan for p in everyone), f"ranks launched different kernels: {everyone}"
         if vec16:
-            assert all(v % 16 == 0 for v in (src, dst, workspace, src_pitch, length, dst_pitch, result_offset)), plan
+            assert all(v % 16 == 0 for v in (src, dst, workspace, src_pitch, dst_pitch, result_offset)), plan
         self.launches.append(kind)
         rows = self._rows_for_me(src, src_pitch, row, length)
         if kind == "gather":

@@ -99,15 +99,40 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(Args a) {
   s.close();
 }
 
+// dst[lo, hi) = src[lo, hi) (bytes, lo a multiple of 16) in units of U, and the bytes left over.
 template <typename U>
+__device__ __forceinline__ void copy_units(const char* src, char* dst, std::int64_t lo, std::int64_t hi) {
+  constexpr int B = sizeof(U);
+  const std::int64_t mid = lo + (hi - lo) / B * B;
+  copy_range<U, 1>(reinterpret_cast<const U*>(src + lo), reinterpret_cast<U*>(dst + lo), 0, (mid - lo) / B);
+  copy_range<unsigned char, 1>(reinterpret_cast<const unsigned char*>(src), reinterpret_cast<unsigned char*>(dst), mid,
+                               hi);
+}
+
+// In the widest unit that both rows' alignments allow.
+__device__ __forceinline__ void copy_bytes(const char* src, char* dst, std::int64_t lo, std::int64_t hi) {
+  const std::uintptr_t align = reinterpret_cast<std::uintptr_t>(src) | reinterpret_cast<std::uintptr_t>(dst);
+  if (align % 16 == 0)
+    copy_units<uint4>(src, dst, lo, hi);
+  else if (align % 8 == 0)
+    copy_units<unsigned long long>(src, dst, lo, hi);
+  else if (align % 4 == 0)
+    copy_units<unsigned int>(src, dst, lo, hi);
+  else if (align % 2 == 0)
+    copy_units<unsigned short>(src, dst, lo, hi);
+  else
+    copy_units<unsigned char>(src, dst, lo, hi);
+}
+
 __global__ void __launch_bounds__(kThreads) gather_kernel(Args a) {
   __shared__ Payload peers[kMaxPeers];
   Session s = Session::open(a.ws, a.npes, a.mine, peers);
   std::int64_t lo, hi;
-  block_range(a.len, 1, lo, hi);
-  for (int q = 0; q < a.npes; ++q)
-    copy_range<U, 1>(reinterpret_cast<const U*>(peer_input(a, peers[q], q)),
-                     reinterpret_cast<U*>(a.dst + q * a.dst_pitch), lo, hi);
+  block_range(a.len, 16, lo, hi);
+  // Copies are typeless, and each peer's rows have an alignment of their own (in place or staged, and
+  // its own pitch), so the unit is chosen per peer: a unit from our addresses alone would misalign
+  // the loads from a peer whose rows are placed differently.
+  for (int q = 0; q < a.npes; ++q) copy_bytes(peer_input(a, peers[q], q), a.dst + q * a.dst_pitch, lo, hi);
   s.close();
 }
 
@@ -158,9 +183,10 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
   SYMCOMM_CHECK(c.row >= 0 && c.row < npes, "row " + std::to_string(c.row) + " is out of range");
   SYMCOMM_CHECK(c.len >= 0 && c.len % itemsize == 0, "len must be a whole number of elements");
   if (c.vec16) {
-    const bool aligned = (c.src | c.dst | c.workspace) % 16 == 0 && c.src_pitch % 16 == 0 && c.len % 16 == 0 &&
+    // The row length may be anything: vectors stop short of the end and a scalar tail finishes.
+    const bool aligned = (c.src | c.dst | c.workspace) % 16 == 0 && c.src_pitch % 16 == 0 &&
                          c.dst_pitch % 16 == 0 && c.result_offset % 16 == 0;
-    SYMCOMM_CHECK(aligned, "vec16 was requested for addresses or sizes that are not 16-byte multiples");
+    SYMCOMM_CHECK(aligned, "vec16 was requested for addresses or pitches that are not 16-byte multiples");
   }
   auto* ws = reinterpret_cast<char*>(c.workspace);
   return Args{Workspace{ws}, npes, Payload{static_cast<std::int64_t>(c.src - c.workspace), c.src_pitch}, c.row,
@@ -190,19 +216,7 @@ void two_shot_all_reduce(const CollectiveCall& c) {
 }
 
 void gather(const CollectiveCall& c) {
-  // Copies are typeless: move the widest unit the addresses and sizes allow.
-  const std::uint64_t all = c.src | c.dst | static_cast<std::uint64_t>(c.src_pitch | c.dst_pitch | c.len);
-  const int grid = grid_for(c.len, kThreads);
-  if (c.vec16)
-    launch(gather_kernel<uint4>, grid, kThreads, 0, c.stream, make_args(c, 16));
-  else if (all % 8 == 0)
-    launch(gather_kernel<unsigned long long>, grid, kThreads, 0, c.stream, make_args(c, 8));
-  else if (all % 4 == 0)
-    launch(gather_kernel<unsigned int>, grid, kThreads, 0, c.stream, make_args(c, 4));
-  else if (all % 2 == 0)
-    launch(gather_kernel<unsigned short>, grid, kThreads, 0, c.stream, make_args(c, 2));
-  else
-    launch(gather_kernel<unsigned char>, grid, kThreads, 0, c.stream, make_args(c, 1));
+  launch(gather_kernel, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, 1));
 }
 
 std::int64_t workspace_data_offset() { return static_cast<std::int64_t>(kDataOffset); }

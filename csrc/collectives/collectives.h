@@ -23,14 +23,15 @@ struct CollectiveCall {
   std::int64_t dst_pitch;       // gather: bytes between the rows that come from consecutive PEs
   std::int64_t result_offset;   // two-shot: byte offset in the workspace of the per-PE result area
   DType dtype;                  // reductions only
-  bool vec16;                   // every address, pitch and row length is a multiple of 16 bytes
+  bool vec16;                   // reductions: every address and pitch is a multiple of 16 bytes
   std::uintptr_t stream;
 };
 
 // dst[i] = sum over PEs q of q's input row `row` (one-shot all-reduce: row 0; reduce-scatter: row = me).
 // Accumulates half types in float32.
 void reduce(const CollectiveCall& c);
-// dst row q (at dst + q * dst_pitch) = PE q's input row `row` (all-gather: row 0; all-to-all: row = me).
+// dst row q (at dst + q * dst_pitch) = PE q's input row `row` (all-gather: row 0; all-to-all: row = me),
+// in the widest units that each peer's row and ours allow.
 void gather(const CollectiveCall& c);
 // All-reduce of a single row in two passes: each PE reduces its 1/n share into its result area, then
 // every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).

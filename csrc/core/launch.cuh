@@ -25,7 +25,11 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, size_t smem_bytes, std:
     SYMCOMM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem_bytes)));
   }
+#ifdef SYMCOMM_EMU
+  emu::launch(grid, block, stream, [kernel, args] { kernel(args); });
+#else
   kernel<<<grid, block, smem_bytes, as_stream(stream)>>>(args);
+#endif
   SYMCOMM_CUDA_CHECK(cudaGetLastError());
 }
 

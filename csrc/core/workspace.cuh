@@ -87,12 +87,14 @@ __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_
     // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
     __threadfence_system();
     Slot* remote = static_cast<Slot*>(nvshmem_ptr(ws.slot(blockIdx.x, me), q));
-    remote->payload = payload;
+    // A peer one barrier ahead may rewrite our slot's payload while we read it: with the same value
+    // (see above), so the race is harmless and deliberate.
+    store_racy(&remote->payload.offset, payload.offset);
+    store_racy(&remote->payload.pitch, payload.pitch);
     store_release_sys(&remote->flag, seq);
     Slot* mine = ws.slot(blockIdx.x, q);
     wait_geq(&mine->flag, seq, "a block barrier", q);
-    const volatile Payload* got = &mine->payload;
-    peer_payload[q] = Payload{got->offset, got->pitch};
+    peer_payload[q] = Payload{load_racy(&mine->payload.offset), load_racy(&mine->payload.pitch)};
   }
   __syncthreads();
 }

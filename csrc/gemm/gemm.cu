@@ -32,17 +32,6 @@ struct CommArgs {
   std::int64_t dst_pitch;
 };
 
-// Rows [r0, r1) and columns [c0, c1) of output tile t, numbered M fastest like the GEMM's raster.
-struct Rect {
-  int r0, r1, c0, c1;
-};
-
-__device__ Rect tile_rect(int t, int m, int n) {
-  const int tiles_m = (m + kTileM - 1) / kTileM;
-  const int mt = t % tiles_m, nt = t / tiles_m;
-  return {mt * kTileM, min(m, (mt + 1) * kTileM), nt * kTileN, min(n, (nt + 1) * kTileN)};
-}
-
 template <typename T>
 __device__ T* on_pe(T* local, int pe) {
   return static_cast<T*>(nvshmem_ptr(local, pe));
@@ -120,7 +109,7 @@ __device__ void all_reduce_tiles(const CommArgs& a, std::uint64_t tag) {
   for (int q = 0; q < a.npes; ++q) partial[q] = on_pe(reinterpret_cast<const T*>(a.ws.base + a.partial_offset), q);
   T* result = reinterpret_cast<T*>(a.ws.base + a.result_offset);
   T* out = reinterpret_cast<T*>(a.dst);
-  const int tiles = ((a.m + kTileM - 1) / kTileM) * ((a.n + kTileN - 1) / kTileN);
+  const int tiles = tiles_along(a.m, kTileM) * tiles_along(a.n, kTileN);
   const int reducers = gridDim.x / 2;
   if (static_cast<int>(blockIdx.x) < reducers) {
     for (int t = a.me + blockIdx.x * a.npes; t < tiles; t += reducers * a.npes) {
@@ -148,10 +137,10 @@ __device__ void reduce_scatter_tiles(const CommArgs& a, std::uint64_t tag) {
   const T* partial[kMaxPeers];
   for (int q = 0; q < a.npes; ++q) partial[q] = on_pe(reinterpret_cast<const T*>(a.ws.base + a.partial_offset), q);
   const int rows = a.m / a.npes, lo = a.me * rows, hi = lo + rows;
-  const int tiles_m = (a.m + kTileM - 1) / kTileM, tiles_n = (a.n + kTileN - 1) / kTileN;
+  const int tiles_m = tiles_along(a.m, kTileM), tiles_n = tiles_along(a.n, kTileN);
   const int first = lo / kTileM, span = (hi - 1) / kTileM - first + 1;
   for (int j = blockIdx.x; j < span * tiles_n; j += gridDim.x) {
-    const int t = j / span * tiles_m + first + j % span;
+    const int t = tile_index(first + j % span, j / span, 0, tiles_m, tiles_n);
     wait_all_pes(a.ws.tile_ready() + t, a.npes, tag, "a GEMM tile");
     const Rect r = tile_rect(t, a.m, a.n);
     reduce_rect(partial, a.npes, a.n, max(r.r0, lo), min(r.r1, hi), r, reinterpret_cast<T*>(a.dst), a.dst_pitch, lo,
@@ -166,18 +155,18 @@ template <typename T>
 __device__ void all_gather_bands(const CommArgs& a, std::uint64_t tag) {
   T* gathered = reinterpret_cast<T*>(a.ws.base + a.partial_offset);
   const std::int64_t block_elems = static_cast<std::int64_t>(a.m) * a.k;
-  const int tiles_m = (a.m + kTileM - 1) / kTileM;
+  const int tiles_m = tiles_along(a.m, kTileM);
   for (int i = blockIdx.x; i < tiles_m; i += gridDim.x) {
     copy_rect(reinterpret_cast<const T*>(a.src), a.src_pitch, gathered + a.me * block_elems, a.k, i * kTileM,
               min(a.m, (i + 1) * kTileM), 0, a.k);
-    publish(a.ws.band_ready() + a.me * tiles_m + i, tag);
+    publish(a.ws.band_ready() + band_index(i, a.me, tiles_m), tag);
   }
   for (int l = 0, j = 0; l < a.npes; ++l) {
     if (l == a.me) continue;
     T* mine = gathered + l * block_elems;
     for (int i = 0; i < tiles_m; ++i) {
       if (j++ % gridDim.x != blockIdx.x) continue;
-      std::uint64_t* band = a.ws.band_ready() + l * tiles_m + i;
+      std::uint64_t* band = a.ws.band_ready() + band_index(i, l, tiles_m);
       wait_pe(band, l, tag, "a band of A rows");
       copy_rect(on_pe(mine, l), a.k, mine, a.k, i * kTileM, min(a.m, (i + 1) * kTileM), 0, a.k);
       publish(band, tag);
@@ -203,7 +192,7 @@ __global__ void __launch_bounds__(kCommThreads) gemm_comm_kernel(CommArgs a) {
 
 __global__ void gemm_begin_kernel(Workspace ws) { ++*ws.gemm_epoch(); }
 
-int tiles(int m, int n) { return ((m + kTileM - 1) / kTileM) * ((n + kTileN - 1) / kTileN); }
+int tiles(int m, int n) { return tiles_along(m, kTileM) * tiles_along(n, kTileN); }
 
 void check_tiles(int count, const char* what) {
   SYMCOMM_CHECK(count <= kMaxGemmTiles, std::string(what) + ": " + std::to_string(count) + " exceed the limit of " +
@@ -221,7 +210,7 @@ void gemm(const GemmCall& c) {
   SYMCOMM_CHECK(c.m >= 1 && c.n >= 1 && c.k >= 1 && c.batches >= 1, "GEMM sizes must be positive");
   SYMCOMM_CHECK(c.sms >= 1, "the GEMM needs at least one SM");
   if (c.tag_tiles) check_tiles(tiles(c.m, c.n) * c.batches, "output tiles");
-  if (c.wait_bands) check_tiles((c.m + kTileM - 1) / kTileM * c.batches, "bands of A rows");
+  if (c.wait_bands) check_tiles(tiles_along(c.m, kTileM) * c.batches, "bands of A rows");
   const Workspace ws{reinterpret_cast<char*>(c.workspace)};
   const GemmHooks hooks{c.tag_tiles ? ws.tile_ready() : nullptr, c.wait_bands ? ws.band_ready() : nullptr,
                         ws.gemm_epoch(), wait_timeout_ns()};
@@ -241,7 +230,7 @@ void gemm_comm(const GemmCommCall& c) {
                     (c.src | c.dst) % 16 == 0 && (c.n | c.k | c.src_pitch | c.dst_pitch) % kVec == 0,
                 "the comm kernel moves 16-byte vectors: addresses, n, k and pitches must be multiples of 16 bytes");
   if (c.mode == GemmComm::kAllGather)
-    check_tiles((c.m + kTileM - 1) / kTileM * npes, "bands of A rows");
+    check_tiles(tiles_along(c.m, kTileM) * npes, "bands of A rows");
   else
     check_tiles(tiles(c.m, c.n), "output tiles");
   SYMCOMM_CHECK(c.mode != GemmComm::kReduceScatter || c.m % npes == 0, "reduce-scatter: m must divide by the PEs");

@@ -17,12 +17,9 @@
 #include <cstdint>
 
 #include "core/limits.h"
+#include "gemm/tiles.h"
 
 namespace symcomm {
-
-// The GEMM's output tile; the comm kernel walks the same tiles.
-constexpr int kTileM = 128;
-constexpr int kTileN = 256;
 
 enum class GemmDType : int { kFloat16 = 1, kBFloat16 = 2 };  // the collectives' dtype codes
 

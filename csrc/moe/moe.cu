@@ -14,7 +14,6 @@ namespace symcomm {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
 
 // What every MoE kernel gets; the per-row work is one warp per (token, expert) pair or token.
 struct MoeArgs {
@@ -65,9 +64,9 @@ __global__ void __launch_bounds__(kThreads) moe_counts_kernel(MoeArgs a) {
 __global__ void __launch_bounds__(kThreads) moe_dispatch_kernel(MoeArgs a) {
   Session s = Session::resume(a.ws, a.npes, a.mine);
   const int me = nvshmem_my_pe();
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int pairs = a.tokens * a.top_k;
-  for (int p = blockIdx.x * kWarps + threadIdx.x / 32; p < pairs; p += gridDim.x * kWarps) {
+  for (int p = blockIdx.x * warps + threadIdx.x / 32; p < pairs; p += gridDim.x * warps) {
     const int e = static_cast<int>(a.topk_ids[p]);
     const int owner = e / a.local;
     // Lower PEs' pairs to e come first, then ours in token order.
@@ -95,10 +94,10 @@ __global__ void __launch_bounds__(kThreads) moe_combine_kernel(MoeArgs a) {
   constexpr int N = 16 / sizeof(T);
   __shared__ Payload peers[kMaxPeers];
   Session s = Session::open(a.ws, a.npes, a.mine, peers);
-  const int lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const std::int64_t vecs = a.row_bytes / 16;
   const std::int64_t per_owner = static_cast<std::int64_t>(a.local) * a.capacity;
-  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; t < a.tokens; t += gridDim.x * kWarps) {
+  for (int t = blockIdx.x * warps + threadIdx.x / 32; t < a.tokens; t += gridDim.x * warps) {
     const Vec<T, N>* rows[kMaxTopK];
     float w[kMaxTopK];
 #pragma unroll

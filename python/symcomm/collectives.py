@@ -75,9 +75,10 @@ def _chunks(columns: int, itemsize: int, capacity_bytes: int):
         yield lo, min(columns, lo + step)
 
 
-def _vec16(*byte_sizes: int) -> bool:
-    # Addresses are always 16-byte aligned (fresh outputs, the workspace, aligned in-place inputs), so
-    # the sizes decide; they are the same on every rank, and so is the choice.
+def _vec16(*pitches: int) -> bool:
+    # Addresses are always 16-byte aligned (fresh outputs, the workspace, aligned in-place inputs, chunks
+    # on 16-byte boundaries), so the pitches decide (a row's length need not: the kernels finish it with
+    # a scalar tail); they are the same on every rank, and so is the choice.
     return all(n % 16 == 0 for n in byte_sizes)
 
 
@@ -120,14 +121,14 @@ def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     if choose_all_reduce(n * isz, ctx.world, algorithm) == "one_shot":
         for lo, hi in _chunks(n, isz, ctx.data_bytes):
             _launch(ctx.ext.reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
-                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16((hi - lo) * isz))
+                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16())
     else:
         # The staging area is followed by the result area: each rank's 1/world share (+ alignment).
         capacity = _round_down((ctx.data_bytes - 32) * ctx.world // (ctx.world + 1), 16 * ctx.world)
         result_offset = ctx.data - ctx.workspace + capacity
         for lo, hi in _chunks(n, isz, capacity):
             _launch(ctx.ext.two_shot_all_reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
-                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16((hi - lo) * isz), result_offset)
+                    out.data_ptr() + lo * isz, 0, x.dtype, _vec16(), result_offset)
     return out.view(x.shape)
 
 
@@ -147,7 +148,7 @@ def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     out = torch.empty((ctx.world, *x.shape), dtype=x.dtype, device=x.device)
     for lo, hi in _chunks(n, isz, ctx.data_bytes):
         _launch(ctx.ext.gather, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz,
-                n * isz, x.dtype, _vec16((hi - lo) * isz, n * isz))
+                n * isz, x.dtype, _vec16(n * isz))
     if _leading_dims_one(x, d):
         return out.view(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])
     return out.movedim(0, d).reshape(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])

@@ -74,9 +74,8 @@ struct TaggingEpilogue : Base {
       // Every consumer thread has issued its stores; the release below is cumulative over them.
       cutlass::arch::NamedBarrier::sync(cute::size(tiled_mma), kTagBarrier);
       if (thread_idx == 0) {
-        const int tiles_m = (cute::get<0>(problem) + kTileM - 1) / kTileM;
-        const int tiles_n = (cute::get<1>(problem) + kTileN - 1) / kTileN;
-        const int t = (cute::get<3>(coord) * tiles_n + cute::get<1>(coord)) * tiles_m + cute::get<0>(coord);
+        const int t = tile_index(cute::get<0>(coord), cute::get<1>(coord), cute::get<3>(coord),
+                                 tiles_along(cute::get<0>(problem), kTileM), tiles_along(cute::get<1>(problem), kTileN));
         __threadfence_system();
         store_release_sys(tiles_ + t, load_tag(epoch_));
       }
@@ -107,7 +106,7 @@ struct WaitingMainloop : Base {
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape const& shape, Arguments const& args, void* workspace) {
-    const int tiles_m = (cute::get<0>(shape) + kTileM - 1) / kTileM;
+    const int tiles_m = tiles_along(cute::get<0>(shape), kTileM);
     return Params{Base::to_underlying_arguments(shape, args.base, workspace), args.bands, args.epoch, args.timeout_ns,
                   tiles_m};
   }
@@ -121,7 +120,7 @@ struct WaitingMainloop : Base {
                            typename Base::PipelineState state, LoadInputs const& inputs, BlockCoord const& block,
                            Rest&&... rest) {
     if (params.bands != nullptr) {
-      const std::uint64_t* band = params.bands + cute::get<3>(block) * params.tiles_m + cute::get<0>(block);
+      const std::uint64_t* band = params.bands + band_index(cute::get<0>(block), cute::get<3>(block), params.tiles_m);
       const std::uint64_t tag = load_tag(params.epoch), start = global_timer_ns();
       while (load_acquire_sys(band) < tag)
         if (global_timer_ns() - start > params.timeout_ns) __trap();

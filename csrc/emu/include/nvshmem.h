@@ -1,0 +1,30 @@
+#pragma once
+// The part of NVSHMEM's API that symcomm uses, over the emulated PEs of csrc/emu/runtime.cpp: each
+// PE has a symmetric heap of the same size, and nvshmem_ptr maps an address of the caller's heap to
+// the same offset in the peer's.
+#include <non_abi/nvshmem_version.h>
+
+#include <cstddef>
+#include <cstdint>
+
+enum {
+  NVSHMEM_STATUS_NOT_INITIALIZED = 0,
+  NVSHMEM_STATUS_IS_BOOTSTRAPPED,
+  NVSHMEM_STATUS_IS_INITIALIZED,
+  NVSHMEM_STATUS_LIMITED_MPG,
+  NVSHMEM_STATUS_FULL_MPG,
+};
+enum { NVSHMEM_THREAD_SINGLE = 0, NVSHMEM_THREAD_FUNNELED, NVSHMEM_THREAD_SERIALIZED, NVSHMEM_THREAD_MULTIPLE };
+enum { NVSHMEM_SIGNAL_SET = 9, NVSHMEM_SIGNAL_ADD = 10 };
+
+struct nvshmemi_version_t {
+  int major, minor, patch;
+};
+struct nvshmemx_init_attr_t;
+
+int nvshmem_my_pe();
+int nvshmem_n_pes();
+// Fails loudly (a trap in a kernel, an exception on the host) for an address outside the caller's
+// heap or a PE out of range, where NVSHMEM would return null and the caller would crash later.
+void* nvshmem_ptr(const void* ptr, int pe);
+void nvshmem_barrier_all();

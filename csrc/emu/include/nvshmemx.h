@@ -1,0 +1,10 @@
+#pragma once
+#include <nvshmem.h>
+
+int nvshmemx_init_status();
+int nvshmemi_init_thread(int requested, int* provided, unsigned int bootstrap_flags, nvshmemx_init_attr_t* attr,
+                         nvshmemi_version_t version);
+void nvshmemi_finalize();
+// Called by every thread of a block: copies, then sets the signal on `pe` once the data is there.
+void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
+                                  std::uint64_t signal, int sig_op, int pe);

@@ -1,0 +1,613 @@
+// The emulated device: PEs with symmetric heaps, streams that run launches in order, blocks on OS
+// threads, CUDA threads as fibers, traps, and the few CUDA runtime and NVSHMEM calls the core makes.
+#include "emu/runtime.h"
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdarg>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "core/check.h"
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+
+namespace symcomm::emu {
+namespace {
+
+// Thrown inside a fiber to end it: by trap(), and by every thread of a launch that another thread
+// of it has trapped.
+struct Trap {};
+
+struct Stream;
+
+struct Pe {
+  int index = 0;
+  char* heap = nullptr;
+  std::mutex mu;
+  std::string error;         // sticky, like a CUDA context after a trap
+  std::string last_message;  // the last device printf, repeated in the trap's error
+  std::uint64_t launches = 0;
+  std::vector<std::unique_ptr<Stream>> streams;  // [0] is the default stream
+};
+
+struct World {
+  int npes = 0;
+  std::size_t heap_bytes = 0;
+  std::vector<std::unique_ptr<Pe>> pes;
+  std::atomic<int> barrier_arrived{0};
+  std::atomic<std::uint64_t> barrier_round{0};
+};
+
+Settings g_settings;
+std::unique_ptr<World> g_world;
+thread_local int t_pe = -1;
+
+World& world() {
+  SYMCOMM_CHECK(g_world != nullptr, "the emulated device is not started (call emu.start first)");
+  return *g_world;
+}
+
+Pe& current_pe() {
+  World& w = world();
+  SYMCOMM_CHECK(t_pe >= 0 && t_pe < w.npes, "no emulated PE is current on this thread (call emu.set_pe first)");
+  return *w.pes[t_pe];
+}
+
+std::string pe_error(Pe& pe) {
+  std::lock_guard<std::mutex> lock(pe.mu);
+  return pe.error;
+}
+
+// A stream: one worker thread that runs its tasks in the order they were queued.
+struct Stream {
+  Pe* pe;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> queue;
+  std::uint64_t queued = 0, done = 0;
+  bool stop = false;
+  std::thread worker;
+
+  explicit Stream(Pe* owner) : pe(owner), worker([this] { run(); }) {}
+
+  ~Stream() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    worker.join();
+  }
+
+  std::uint64_t push(std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(mu);
+    queue.push_back(std::move(task));
+    cv.notify_all();
+    return ++queued;
+  }
+
+  std::uint64_t tail() {
+    std::lock_guard<std::mutex> lock(mu);
+    return queued;
+  }
+
+  void wait_for(std::uint64_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done >= n; });
+  }
+
+  void run() {
+    t_pe = pe->index;
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stop || !queue.empty(); });
+        if (queue.empty()) return;
+        task = std::move(queue.front());
+        queue.pop_front();
+      }
+      task();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ++done;
+      }
+      cv.notify_all();
+    }
+  }
+};
+
+Stream& stream_of(Pe& pe, std::uintptr_t handle) {
+  if (handle == 0) return *pe.streams[0];
+  for (auto& s : pe.streams)
+    if (reinterpret_cast<std::uintptr_t>(s.get()) == handle) return *s;
+  fail(__FILE__, __LINE__, "stream " + std::to_string(handle) + " does not belong to emulated PE " +
+                               std::to_string(pe.index));
+}
+
+// ---- blocks and fibers ----
+
+struct Launch {
+  Pe* pe;
+  dim3 grid, block;
+  std::function<void()> body;
+  std::uint64_t seed;
+  std::atomic<bool> aborted{false};
+  std::mutex mu;
+  std::string error;
+};
+
+enum class State { kRunnable, kBarrier, kDone };
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 index;
+  State state = State::kRunnable;
+  bool spun = false;  // its last switch was a wait loop seeing the same flag value again
+  const void* last_flag = nullptr;
+  std::uint64_t last_value = 0;
+  std::uint64_t rng = 0;
+#if defined(__SANITIZE_THREAD__)
+  void* tsan = nullptr;
+#endif
+};
+
+struct Block {
+  Launch* launch;
+  uint3 index;
+  ucontext_t scheduler;
+#if defined(__SANITIZE_THREAD__)
+  void* scheduler_tsan = nullptr;
+#endif
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  int live = 0, arrived = 0;
+};
+
+thread_local Block* t_block = nullptr;
+
+constexpr std::size_t kStackBytes =
+#if defined(__SANITIZE_THREAD__)
+    512 * 1024;
+#else
+    64 * 1024;
+#endif
+
+void to_scheduler() {
+  Block* b = t_block;
+#if defined(__SANITIZE_THREAD__)
+  __tsan_switch_to_fiber(b->scheduler_tsan, 0);
+#endif
+  swapcontext(&b->current->ctx, &b->scheduler);
+}
+
+void to_fiber(Block* b, Fiber* f) {
+  b->current = f;
+#if defined(__SANITIZE_THREAD__)
+  __tsan_switch_to_fiber(f->tsan, 0);
+#endif
+  swapcontext(&b->scheduler, &f->ctx);
+}
+
+void check_aborted() {
+  if (t_block->launch->aborted.load(std::memory_order_relaxed)) throw Trap{};
+}
+
+void release_barrier(Block* b) {
+  b->arrived = 0;
+  for (Fiber& f : b->fibers)
+    if (f.state == State::kBarrier) f.state = State::kRunnable;
+}
+
+void record_error(Launch* l, const std::string& what) {
+  std::string said;
+  {
+    std::lock_guard<std::mutex> lock(l->pe->mu);
+    said = l->pe->last_message;
+  }
+  std::lock_guard<std::mutex> lock(l->mu);
+  if (l->error.empty()) {
+    l->error = what;
+    if (!said.empty()) l->error += "; the kernel said: " + said;
+  }
+}
+
+std::string where() {
+  const Block* b = t_block;
+  const uint3 t = b->current->index;
+  return "emulated PE " + std::to_string(b->launch->pe->index) + ", block " + std::to_string(b->index.x) +
+         ", thread " + std::to_string(t.x);
+}
+
+void fiber_main() {
+  Block* b = t_block;
+  Fiber* f = b->current;
+  try {
+    b->launch->body();
+  } catch (const Trap&) {
+  } catch (const std::exception& e) {
+    record_error(b->launch, where() + ": " + e.what());
+    b->launch->aborted = true;
+  }
+  f->state = State::kDone;
+  --b->live;
+  if (b->arrived > 0 && b->arrived == b->live) release_barrier(b);
+  to_scheduler();
+}
+
+std::uint64_t mix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+void run_block(Launch* l, uint3 index) {
+  Block b;
+  b.launch = l;
+  b.index = index;
+  const dim3 dim = l->block;
+  const int n = static_cast<int>(dim.x * dim.y * dim.z);
+  b.fibers.resize(n);
+  b.live = n;
+  void* stacks = mmap(nullptr, kStackBytes * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+  SYMCOMM_CHECK(stacks != MAP_FAILED, "cannot map the emulated threads' stacks");
+  const std::uint64_t block_seed = mix(l->seed ^ mix((index.z * l->grid.y + index.y) * l->grid.x + index.x));
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[i];
+    f.index = uint3{i % dim.x, i / dim.x % dim.y, i / (dim.x * dim.y)};
+    f.rng = mix(block_seed + i);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = static_cast<char*>(stacks) + kStackBytes * i;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+#if defined(__SANITIZE_THREAD__)
+    f.tsan = __tsan_create_fiber(0);
+#endif
+  }
+#if defined(__SANITIZE_THREAD__)
+  b.scheduler_tsan = __tsan_get_current_fiber();
+#endif
+  t_block = &b;
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  std::mt19937_64 shuffle(block_seed);
+  int idle_rounds = 0;
+  while (b.live > 0 && !l->aborted) {
+    if (g_settings.chaos_rate > 0) std::shuffle(order.begin(), order.end(), shuffle);
+    bool spun_only = true, ran = false;
+    for (int i : order) {
+      Fiber& f = b.fibers[i];
+      if (f.state != State::kRunnable) continue;
+      ran = true;
+      f.spun = false;
+      to_fiber(&b, &f);
+      spun_only = spun_only && f.spun;
+      if (l->aborted) break;
+    }
+    if (!ran) break;
+    // Every thread is waiting for a flag that has not changed: let the other blocks and PEs run.
+    if (spun_only) {
+      ++idle_rounds;
+      if (idle_rounds < 4)
+        std::this_thread::yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(std::min(idle_rounds * 10, 500)));
+    } else {
+      idle_rounds = 0;
+    }
+  }
+  t_block = nullptr;
+#if defined(__SANITIZE_THREAD__)
+  for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan);
+#endif
+  // Fibers of an aborted launch are abandoned mid-kernel; kernels keep nothing on the heap.
+  munmap(stacks, kStackBytes * n);
+}
+
+void run_grid(Launch* l) {
+  std::vector<std::thread> blocks;
+  for (unsigned z = 0; z < l->grid.z; ++z)
+    for (unsigned y = 0; y < l->grid.y; ++y)
+      for (unsigned x = 0; x < l->grid.x; ++x)
+        blocks.emplace_back([l, x, y, z] {
+          t_pe = l->pe->index;
+          run_block(l, uint3{x, y, z});
+        });
+  for (auto& t : blocks) t.join();
+  if (!l->error.empty()) {
+    std::lock_guard<std::mutex> lock(l->pe->mu);
+    if (l->pe->error.empty()) l->pe->error = l->error;
+  }
+}
+
+[[noreturn]] void device_fail(const std::string& msg) {
+  if (t_block == nullptr) throw Error("symcomm emulation: " + msg);
+  device_printf("symcomm emulation: %s\n", msg.c_str());
+  trap();
+}
+
+}  // namespace
+
+// ---- what device.h declares ----
+
+uint3 thread_index() { return t_block->current->index; }
+uint3 block_index() { return t_block->index; }
+dim3 block_dim() { return t_block->launch->block; }
+dim3 grid_dim() { return t_block->launch->grid; }
+
+void sync_block() {
+  Block* b = t_block;
+  check_aborted();
+  if (++b->arrived == b->live) {
+    release_barrier(b);
+    return;
+  }
+  b->current->state = State::kBarrier;
+  to_scheduler();
+  check_aborted();
+}
+
+void trap() {
+  record_error(t_block->launch, where() + " trapped");
+  t_block->launch->aborted = true;
+  throw Trap{};
+}
+
+void schedule(const void* flag) {
+  Block* b = t_block;
+  if (b == nullptr) return;
+  check_aborted();
+  Fiber* f = b->current;
+  const std::uint64_t value = __atomic_load_n(static_cast<const std::uint64_t*>(flag), __ATOMIC_RELAXED);
+  f->spun = f->last_flag == flag && f->last_value == value;
+  f->last_flag = flag;
+  f->last_value = value;
+  to_scheduler();
+  check_aborted();
+}
+
+void chaos_point() {
+  Block* b = t_block;
+  if (b == nullptr || g_settings.chaos_rate <= 0) return;
+  Fiber* f = b->current;
+  f->rng = mix(f->rng);
+  if (static_cast<double>(f->rng >> 11) * 0x1p-53 >= g_settings.chaos_rate) return;
+  to_scheduler();
+  check_aborted();
+}
+
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+void fence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+int device_printf(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  const int n = std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  std::fputs(buf, stdout);
+  std::fflush(stdout);
+  if (g_world != nullptr && t_pe >= 0) {
+    Pe& pe = *g_world->pes[t_pe];
+    std::lock_guard<std::mutex> lock(pe.mu);
+    pe.last_message = buf;
+    while (!pe.last_message.empty() && pe.last_message.back() == '\n') pe.last_message.pop_back();
+  }
+  return n;
+}
+
+void launch(dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> body) {
+  Pe& pe = current_pe();
+  SYMCOMM_CHECK(grid.x * grid.y * grid.z >= 1 && block.x * block.y * block.z >= 1 && block.x * block.y * block.z <= 1024,
+                "invalid launch configuration");
+  if (g_settings.threads > 0 && block.y == 1 && block.z == 1) block.x = std::min<unsigned>(block.x, g_settings.threads);
+  Stream& s = stream_of(pe, stream);
+  auto l = std::make_shared<Launch>();
+  l->pe = &pe;
+  l->grid = grid;
+  l->block = block;
+  l->body = std::move(body);
+  l->seed = mix(g_settings.chaos_seed ^ mix(static_cast<std::uint64_t>(pe.index) << 40 ^ pe.launches++));
+  s.push([l] {
+    if (pe_error(*l->pe).empty()) run_grid(l.get());
+  });
+}
+
+// ---- the emulation's own controls (csrc/emu/bindings.cpp) ----
+
+void start(int npes, std::size_t heap_bytes) {
+  SYMCOMM_CHECK(g_world == nullptr, "the emulated device is already started");
+  SYMCOMM_CHECK(npes >= 1 && heap_bytes >= 4096 && heap_bytes % 4096 == 0,
+                "need at least one PE and a heap of whole 4 KiB pages");
+  auto w = std::make_unique<World>();
+  w->npes = npes;
+  w->heap_bytes = heap_bytes;
+  for (int q = 0; q < npes; ++q) {
+    auto pe = std::make_unique<Pe>();
+    pe->index = q;
+    void* heap = mmap(nullptr, heap_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    SYMCOMM_CHECK(heap != MAP_FAILED, "cannot map an emulated heap of " + std::to_string(heap_bytes) + " bytes");
+    pe->heap = static_cast<char*>(heap);
+    pe->streams.push_back(std::make_unique<Stream>(pe.get()));
+    w->pes.push_back(std::move(pe));
+  }
+  g_world = std::move(w);
+}
+
+void stop() {
+  if (g_world == nullptr) return;
+  // Streams finish what they were given first: every wait has a deadline.
+  for (auto& pe : g_world->pes) pe->streams.clear();
+  for (auto& pe : g_world->pes) munmap(pe->heap, g_world->heap_bytes);
+  g_world.reset();
+  t_pe = -1;
+}
+
+void configure(const Settings& s) { g_settings = s; }
+const Settings& settings() { return g_settings; }
+
+void set_pe(int pe) {
+  SYMCOMM_CHECK(pe >= 0 && pe < world().npes, "PE " + std::to_string(pe) + " is out of range");
+  t_pe = pe;
+}
+
+std::uintptr_t heap(int pe) {
+  SYMCOMM_CHECK(pe >= 0 && pe < world().npes, "PE " + std::to_string(pe) + " is out of range");
+  return reinterpret_cast<std::uintptr_t>(world().pes[pe]->heap);
+}
+
+std::size_t heap_bytes() { return world().heap_bytes; }
+
+std::uintptr_t stream_create() {
+  Pe& pe = current_pe();
+  pe.streams.push_back(std::make_unique<Stream>(&pe));
+  return reinterpret_cast<std::uintptr_t>(pe.streams.back().get());
+}
+
+Event event_record(std::uintptr_t stream) {
+  Stream& s = stream_of(current_pe(), stream);
+  return Event{reinterpret_cast<std::uintptr_t>(&s), s.tail()};
+}
+
+void stream_wait_event(std::uintptr_t stream, Event e) {
+  Stream& s = stream_of(current_pe(), stream);
+  Stream* other = reinterpret_cast<Stream*>(e.stream);
+  s.push([other, n = e.count] { other->wait_for(n); });
+}
+
+
+void memcpy_async(std::uintptr_t dst, std::uintptr_t src, std::size_t bytes, std::uintptr_t stream) {
+  stream_of(current_pe(), stream).push([=] {
+    std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
+  });
+}
+
+}  // namespace symcomm::emu
+
+// ---- NVSHMEM ----
+
+using symcomm::emu::current_pe;
+using symcomm::emu::world;
+
+int nvshmem_my_pe() { return current_pe().index; }
+int nvshmem_n_pes() { return world().npes; }
+
+void* nvshmem_ptr(const void* ptr, int pe) {
+  auto& w = world();
+  const auto& me = current_pe();
+  if (pe < 0 || pe >= w.npes)
+    symcomm::emu::device_fail("nvshmem_ptr: PE " + std::to_string(pe) + " is out of range [0, " +
+                              std::to_string(w.npes) + ")");
+  const std::ptrdiff_t offset = static_cast<const char*>(ptr) - me.heap;
+  if (offset < 0 || static_cast<std::size_t>(offset) >= w.heap_bytes) {
+    char addr[32];
+    std::snprintf(addr, sizeof addr, "%p", ptr);
+    symcomm::emu::device_fail("nvshmem_ptr: address " + std::string(addr) + " is not in PE " +
+                              std::to_string(me.index) + "'s symmetric heap");
+  }
+  return w.pes[pe]->heap + offset;
+}
+
+void nvshmem_barrier_all() {
+  auto& w = world();
+  const std::uint64_t round = w.barrier_round.load(std::memory_order_acquire);
+  if (w.barrier_arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == w.npes) {
+    w.barrier_arrived.store(0, std::memory_order_relaxed);
+    w.barrier_round.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  const std::uint64_t start = symcomm::emu::now_ns();
+  while (w.barrier_round.load(std::memory_order_acquire) == round) {
+    symcomm::emu::schedule(&w.barrier_round);
+    if (symcomm::emu::now_ns() - start > 30ull * 1000 * 1000 * 1000)
+      symcomm::emu::device_fail("nvshmem_barrier_all timed out on PE " + std::to_string(current_pe().index));
+  }
+}
+
+// The emulated host library is up while the emulated device is started (emu.start plays nvshmem4py's
+// init), and the device state is shared by every PE of this process, so registering it has nothing to do.
+int nvshmemx_init_status() {
+  return symcomm::emu::g_world == nullptr ? NVSHMEM_STATUS_NOT_INITIALIZED : NVSHMEM_STATUS_IS_INITIALIZED;
+}
+
+int nvshmemi_init_thread(int requested, int* provided, unsigned int, nvshmemx_init_attr_t*, nvshmemi_version_t) {
+  world();
+  *provided = requested;
+  return 0;
+}
+
+void nvshmemi_finalize() {}
+
+void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
+                                  std::uint64_t signal, int sig_op, int pe) {
+  auto* to = static_cast<char*>(nvshmem_ptr(dest, pe));
+  const auto* from = static_cast<const char*>(source);
+  for (std::size_t i = threadIdx.x; i < bytes; i += blockDim.x) to[i] = from[i];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* sig = static_cast<std::uint64_t*>(nvshmem_ptr(sig_addr, pe));
+    if (sig_op == NVSHMEM_SIGNAL_ADD)
+      __atomic_fetch_add(sig, signal, __ATOMIC_RELEASE);
+    else
+      __atomic_store_n(sig, signal, __ATOMIC_RELEASE);
+  }
+  __syncthreads();
+}
+
+// ---- the CUDA runtime calls the core makes ----
+
+extern "C" {
+
+cudaError_t cudaGetLastError(void) {
+  if (symcomm::emu::g_world == nullptr || symcomm::emu::t_pe < 0) return cudaSuccess;
+  return symcomm::emu::pe_error(current_pe()).empty() ? cudaSuccess : cudaErrorLaunchFailure;
+}
+
+cudaError_t cudaPeekAtLastError(void) { return cudaGetLastError(); }
+
+const char* cudaGetErrorString(cudaError_t error) {
+  thread_local std::string text;
+  if (error == cudaSuccess) return "no error";
+  text = error == cudaErrorLaunchFailure ? "unspecified launch failure" : "error " + std::to_string(error);
+  if (symcomm::emu::g_world != nullptr && symcomm::emu::t_pe >= 0) {
+    const std::string why = symcomm::emu::pe_error(current_pe());
+    if (!why.empty()) text += " (" + why + ")";
+  }
+  return text.c_str();
+}
+
+cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+
+cudaError_t cudaMemcpyToSymbol(const void* symbol, const void* src, size_t count, size_t offset, enum cudaMemcpyKind) {
+  std::memcpy(static_cast<char*>(const_cast<void*>(symbol)) + offset, src, count);
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceSynchronize(void) {
+  auto& pe = current_pe();
+  for (auto& s : pe.streams) s->wait_for(s->tail());
+  return cudaGetLastError();
+}
+
+}  // extern "C"
