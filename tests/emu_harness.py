@@ -81,6 +81,12 @@ def poison(raw: np.ndarray, dtype: str) -> None:
         raw[...] = np.nan
 
 
+def at(addr: int, dtype, count: int) -> np.ndarray:
+    """`count` elements of numpy `dtype` at an address (a view, no copy)."""
+    buf = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(addr)
+    return np.frombuffer(buf, dtype=dtype, count=count)
+
+
 # ---- a world of emulated PEs ----
 
 @dataclass
@@ -114,9 +120,7 @@ class World:
 
     def view(self, pe: int, offset: int, dtype, count: int) -> np.ndarray:
         """PE `pe`'s heap bytes [offset, ...) as `count` elements of numpy `dtype`."""
-        itemsize = np.dtype(dtype).itemsize
-        buf = (ctypes.c_char * (count * itemsize)).from_address(self.base(pe) + offset)
-        return np.frombuffer(buf, dtype=dtype, count=count)
+        return at(self.base(pe) + offset, dtype, count)
 
     def private(self, nbytes: int, align: int = 64, misalign: int = 0) -> tuple[int, np.ndarray]:
         """Memory off the heap (a PE's ordinary device memory): (address, bytes), kept alive with the world."""

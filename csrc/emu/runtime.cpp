@@ -38,8 +38,7 @@ struct Pe {
   int index = 0;
   char* heap = nullptr;
   std::mutex mu;
-  std::string error;         // sticky, like a CUDA context after a trap
-  std::string last_message;  // the last device printf, repeated in the trap's error
+  std::string error;  // sticky, like a CUDA context after a trap
   std::uint64_t launches = 0;
   std::vector<std::unique_ptr<Stream>> streams;  // [0] is the default stream
 };
@@ -161,6 +160,7 @@ struct Fiber {
   const void* last_flag = nullptr;
   std::uint64_t last_value = 0;
   std::uint64_t rng = 0;
+  std::string said;  // its last printf, repeated in the error if it traps
 #if defined(__SANITIZE_THREAD__)
   void* tsan = nullptr;
 #endif
@@ -213,12 +213,7 @@ void release_barrier(Block* b) {
     if (f.state == State::kBarrier) f.state = State::kRunnable;
 }
 
-void record_error(Launch* l, const std::string& what) {
-  std::string said;
-  {
-    std::lock_guard<std::mutex> lock(l->pe->mu);
-    said = l->pe->last_message;
-  }
+void record_error(Launch* l, const std::string& what, const std::string& said) {
   std::lock_guard<std::mutex> lock(l->mu);
   if (l->error.empty()) {
     l->error = what;
@@ -240,7 +235,7 @@ void fiber_main() {
     b->launch->body();
   } catch (const Trap&) {
   } catch (const std::exception& e) {
-    record_error(b->launch, where() + ": " + e.what());
+    record_error(b->launch, where() + ": " + e.what(), "");
     b->launch->aborted = true;
   }
   f->state = State::kDone;
@@ -365,7 +360,7 @@ void sync_block() {
 }
 
 void trap() {
-  record_error(t_block->launch, where() + " trapped");
+  record_error(t_block->launch, where() + " trapped", t_block->current->said);
   t_block->launch->aborted = true;
   throw Trap{};
 }
@@ -408,11 +403,10 @@ int device_printf(const char* fmt, ...) {
   va_end(ap);
   std::fputs(buf, stdout);
   std::fflush(stdout);
-  if (g_world != nullptr && t_pe >= 0) {
-    Pe& pe = *g_world->pes[t_pe];
-    std::lock_guard<std::mutex> lock(pe.mu);
-    pe.last_message = buf;
-    while (!pe.last_message.empty() && pe.last_message.back() == '\n') pe.last_message.pop_back();
+  if (t_block != nullptr) {
+    std::string& said = t_block->current->said;
+    said = buf;
+    while (!said.empty() && said.back() == '\n') said.pop_back();
   }
   return n;
 }

@@ -1,0 +1,231 @@
+"""MoE dispatch and combine (csrc/moe/) and their C++ entry points on the emulated device: counts,
+slots in (expert, source PE, token) order, routing codes, the weighted pull-back, and overflow."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import emu_harness as H
+
+pytestmark = pytest.mark.emu
+
+
+def positions_and_counts(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """What python/symcomm/moe.py computes on the device: pairs per expert, and each pair's index among
+    this PE's pairs to its expert, in token order."""
+    counts = np.bincount(ids, minlength=num_experts).astype(np.int32)
+    positions = np.zeros(ids.size, dtype=np.int32)
+    seen = np.zeros(num_experts, dtype=np.int64)
+    for p, e in enumerate(ids):
+        positions[p] = seen[e]
+        seen[e] += 1
+    return counts, positions
+
+
+class Moe:
+    """One dispatch/combine setup on every PE: tokens, ids and weights per PE; expert_x symmetric."""
+
+    def __init__(self, w: H.World, rng, tokens: list[int], top_k: int, local: int, hidden: int, dtype: str,
+                 capacity: int | None = None, ids: list[np.ndarray] | None = None):
+        self.w, self.top_k, self.local, self.hidden, self.dtype = w, top_k, local, hidden, dtype
+        self.npes = w.npes
+        self.experts = local * self.npes
+        self.tokens = tokens
+        self.ids = ids or [rng.integers(0, self.experts, size=(t, top_k)) for t in tokens]
+        per_expert = np.bincount(np.concatenate([i.ravel() for i in self.ids] + [np.zeros(0, int)]),
+                                 minlength=self.experts)
+        self.capacity = capacity if capacity is not None else max(1, int(per_expert.max(initial=0)))
+        self.isz = H.ITEMSIZE[dtype]
+        self.row_bytes = hidden * self.isz
+        self.x = [H.exact_values(rng, (t, hidden)) for t in tokens]
+        self.weights = [H.exact_values(rng, (t, top_k), span=4) for t in tokens]
+        self.expert_x = w.alloc(local * self.capacity * self.row_bytes)
+        self.host = []
+        for pe in range(self.npes):
+            buffers = {}
+            for name, values, np_type in [("x", H.encode(self.x[pe], dtype), None),
+                                          ("ids", self.ids[pe].astype(np.int64), None),
+                                          ("weights", self.weights[pe].astype(np.float32), None)]:
+                addr, raw = w.private(max(values.nbytes, 16))
+                raw[:values.nbytes] = values.view(np.uint8).ravel()
+                buffers[name] = addr
+            counts, positions = positions_and_counts(self.ids[pe].ravel(), self.experts)
+            for name, values in [("counts", counts), ("positions", positions)]:
+                addr, raw = w.private(max(values.nbytes, 16))
+                raw[:values.nbytes] = values.view(np.uint8).ravel()
+                buffers[name] = addr
+            buffers["expert_counts"], raw = w.private(4 * local)
+            raw.view(np.int32)[:] = -1
+            buffers["routing"], raw = w.private(max(8 * tokens[pe] * top_k, 16))
+            raw.view(np.int64)[:] = -1
+            buffers["y"], raw = w.private(max(tokens[pe] * self.row_bytes, 16))
+            H.poison(raw.view(H.storage(dtype)), dtype)
+            buffers["y_raw"] = raw
+            H.poison(w.view(pe, self.expert_x, H.storage(dtype), local * self.capacity * hidden), dtype)
+            self.host.append(buffers)
+
+    def grid_bytes(self, rows_per_token: int) -> int:
+        return self.capacity // self.npes * rows_per_token * self.row_bytes
+
+    def dispatch(self, pe: int) -> None:
+        b = self.host[pe]
+        self.w.on_pe(pe)
+        self.w.ext.moe_dispatch(self.w.base(pe), b["x"], b["ids"], b["positions"], b["counts"],
+                                self.w.base(pe) + self.expert_x, b["expert_counts"], b["routing"], self.tokens[pe],
+                                self.top_k, self.experts, self.capacity, self.hidden, H.DTYPE_CODES[self.dtype],
+                                self.grid_bytes(self.top_k), 0)
+
+    def combine(self, pe: int, expert_y: int) -> None:
+        b = self.host[pe]
+        self.w.on_pe(pe)
+        self.w.ext.moe_combine(self.w.base(pe), self.w.base(pe) + expert_y, b["routing"], b["weights"], b["y"],
+                               self.tokens[pe], self.top_k, self.experts, self.capacity, self.hidden,
+                               H.DTYPE_CODES[self.dtype], self.grid_bytes(1), 0)
+
+    def expected_slots(self):
+        """{expert: [(source PE, token, j), ...]} in slot order, and each pair's routing code."""
+        slots = {e: [] for e in range(self.experts)}
+        routing = []
+        for src in range(self.npes):
+            codes = np.zeros((self.tokens[src], self.top_k), dtype=np.int64)
+            for t in range(self.tokens[src]):
+                for j in range(self.top_k):
+                    e = int(self.ids[src][t, j])
+                    codes[t, j] = e * self.capacity + len(slots[e])
+                    slots[e].append((src, t, j))
+            routing.append(codes)
+        return slots, routing
+
+    def check_dispatch(self) -> None:
+        w, slots, routing = self.w, *self.expected_slots()
+        for pe in range(self.npes):
+            b = self.host[pe]
+            got_routing = H.at(b["routing"], np.int64, self.tokens[pe] * self.top_k)
+            np.testing.assert_array_equal(got_routing.reshape(routing[pe].shape), routing[pe], err_msg=f"routing, PE {pe}")
+            counts = H.at(b["expert_counts"], np.int32, self.local)
+            buf = w.view(pe, self.expert_x, H.storage(self.dtype), self.local * self.capacity * self.hidden)
+            buf = buf.reshape(self.local, self.capacity, self.hidden)
+            for el in range(self.local):
+                e = pe * self.local + el
+                assert counts[el] == len(slots[e]), f"expert {e}: count {counts[el]}, expected {len(slots[e])}"
+                for slot, (src, t, _) in enumerate(slots[e]):
+                    np.testing.assert_array_equal(H.decode(buf[el, slot], self.dtype), self.x[src][t],
+                                                  err_msg=f"expert {e}, slot {slot}")
+                # Slots past the count are left as they were.
+                assert np.isnan(H.decode(buf[el, len(slots[e]):], self.dtype)).all()
+
+    def check_combine(self, expert_scale: np.ndarray) -> None:
+        for pe in range(self.npes):
+            want = np.zeros((self.tokens[pe], self.hidden))
+            for t in range(self.tokens[pe]):
+                for j in range(self.top_k):
+                    want[t] += self.weights[pe][t, j] * expert_scale[self.ids[pe][t, j]] * self.x[pe][t]
+            got = H.decode(self.host[pe]["y_raw"].view(H.storage(self.dtype))[:self.tokens[pe] * self.hidden],
+                           self.dtype)
+            # The float32 sum is exact for these values; the kernel rounds it once to the dtype.
+            want = H.decode(H.encode(want, self.dtype), self.dtype)
+            np.testing.assert_array_equal(got.reshape(want.shape), want, err_msg=f"y, PE {pe}")
+
+
+def run_layer(m: Moe, expert_scale: np.ndarray) -> None:
+    """Dispatch, the experts (expert e scales its rows by expert_scale[e], into a second buffer), combine."""
+    w = m.w
+    for pe in range(m.npes):
+        m.dispatch(pe)
+    w.check()
+    m.check_dispatch()
+    expert_y = w.alloc(m.local * m.capacity * m.row_bytes)
+    for pe in range(m.npes):
+        n = m.local * m.capacity * m.hidden
+        xs = H.decode(w.view(pe, m.expert_x, H.storage(m.dtype), n), m.dtype).reshape(m.local, m.capacity, m.hidden)
+        ys = xs * expert_scale[pe * m.local:(pe + 1) * m.local, None, None]
+        w.view(pe, expert_y, H.storage(m.dtype), n)[:] = H.encode(np.nan_to_num(ys).ravel(), m.dtype)
+    for pe in range(m.npes):
+        m.combine(pe, expert_y)
+    w.check()
+    m.check_combine(expert_scale)
+
+
+CASES = {
+    # name: (tokens per PE (by npes), top_k, local experts)
+    "uneven": (lambda n: [5, 0, 9, 1][:n], 2, 2),
+    "one_token": (lambda n: [1] * n, 1, 1),
+    "many": (lambda n: [40 + 3 * q for q in range(n)], 4, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("npes", [2, 3] if H.TSAN else [1, 2, 3, 4])
+def test_dispatch_combine(npes, case, dtype):
+    tokens, top_k, local = CASES[case]
+    rng = np.random.default_rng([npes, len(case), len(dtype)])
+    with H.world(npes) as w:
+        m = Moe(w, rng, tokens(npes), top_k, local, hidden=24, dtype=dtype)
+        run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+def test_dispatch_float32():
+    rng = np.random.default_rng(3)
+    with H.world(3) as w:
+        m = Moe(w, rng, [4, 7, 2], 2, 2, hidden=12, dtype="float32")
+        for pe in range(3):
+            m.dispatch(pe)
+        w.check()
+        m.check_dispatch()
+
+
+def test_duplicates_and_one_owner():
+    """Tokens that name one expert twice (each pair its own slot, both outputs added), and every pair
+    routed to PE 0's experts, with the capacity exactly full."""
+    npes, top_k, local = 3, 3, 2
+    rng = np.random.default_rng(11)
+    tokens = [6, 4, 5]
+    ids = [rng.integers(0, local, size=(t, top_k)) for t in tokens]
+    ids[1][:, 1] = ids[1][:, 0]
+    with H.world(npes) as w:
+        m = Moe(w, rng, tokens, top_k, local, hidden=16, dtype="bfloat16", ids=ids)
+        assert m.capacity == max(np.bincount(np.concatenate([i.ravel() for i in ids])))
+        run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+@pytest.mark.parametrize("chaos", [0.0, 0.05], ids=["plain", "chaos"])
+def test_back_to_back_rounds(chaos):
+    """Dispatch and combine, again and again, with no host synchronisation: the experts are the
+    identity (combine reads expert_x), and the next dispatch may overwrite expert_x only once every PE's
+    combine has read it."""
+    npes, rounds = 3, 3
+    rng = np.random.default_rng(5)
+    with H.world(npes, blocks=2, chaos_seed=9, chaos_rate=chaos) as w:
+        layers = []
+        expert_x = None
+        for _ in range(rounds):
+            m = Moe(w, rng, [7, 3, 0], 2, 2, hidden=16, dtype="float16", capacity=12)
+            if expert_x is None:
+                expert_x = m.expert_x
+            m.expert_x = expert_x  # every round reuses one expert buffer
+            layers.append(m)
+            for pe in range(npes):
+                m.dispatch(pe)
+                m.combine(pe, expert_x)
+        w.check()
+        for m in layers:
+            m.check_combine(np.ones(m.experts))
+
+
+def test_overflow_traps_naming_pe_and_expert():
+    npes = 2
+    rng = np.random.default_rng(2)
+    ids = [np.array([[1], [1], [1]]), np.array([[0], [1]])]
+    with H.world(npes, timeout_s=1.0) as w:
+        m = Moe(w, rng, [3, 2], 1, 1, hidden=8, dtype="float16", capacity=3, ids=ids)
+        errors = {}
+        for pe in range(npes):
+            try:
+                m.dispatch(pe)
+            except RuntimeError as e:
+                errors[pe] = str(e)
+        errors = {**w.synchronize(), **errors}
+        # PE 1's pair to expert 1 comes after PE 0's three: slot 3 of a capacity of 3.
+        assert "PE 1: moe_dispatch overflows expert 1: slot 3 >= capacity 3" in errors[1]
