@@ -1,6 +1,7 @@
 """Builds the emulated extension (`_emu`) from this checkout's csrc/ with the host C++ compiler.
 
     python3 csrc/emu/build.py [--variant plain|tsan]     # prints the module's path
+    python3 csrc/emu/build.py --tsan-python              # prints the path of the tsan interpreter
 
 The build is cached under build/emu/<variant>-<hash>/, keyed by every file in csrc/ and the flags, so
 an edited kernel is rebuilt the next time a test loads the module, without reinstalling symcomm.
@@ -28,7 +29,7 @@ SOURCES = ["bindings.cpp", "core/device_state.cu", "core/sanity.cu", "collective
            "gemm/gemm.cu", "emu/runtime.cpp", "emu/gemm.cpp", "emu/bindings.cpp"]
 VARIANTS = {
     "plain": ["-O2"],
-    # ThreadSanitizer: run the module with libtsan preloaded (see tsan_preload()).
+    # ThreadSanitizer: load it in the interpreter that tsan_python() builds.
     "tsan": ["-O1", "-fsanitize=thread"],
 }
 
@@ -114,14 +115,31 @@ def load(variant: str = "plain"):
     return module
 
 
-def tsan_preload() -> str:
-    """The ThreadSanitizer runtime to LD_PRELOAD into a Python process that loads the tsan variant."""
+def tsan_python() -> Path:
+    """A Python interpreter linked with ThreadSanitizer (emu/python_main.cpp), to run the tsan variant."""
     cxx = os.environ.get("CXX", "g++")
-    return subprocess.run([cxx, "-print-file-name=libtsan.so"], capture_output=True, text=True, check=True).stdout.strip()
+    var = sysconfig.get_config_var
+    libdir = var("LIBDIR")
+    # What `python3-config --ldflags --embed` prints, plus the exports that extension modules link against.
+    embed = [f"-L{libdir}", f"-Wl,-rpath,{libdir}", f"-lpython{var('VERSION')}{var('ABIFLAGS') or ''}",
+             *(var("LIBS") or "").split(), *(var("SYSLIBS") or "").split(), "-Wl,-export-dynamic"]
+    cmd = [cxx, "-O1", "-fsanitize=thread", f"-I{sysconfig.get_paths()['include']}",
+           str(CSRC / "emu" / "python_main.cpp"), *embed]
+    key = hashlib.sha256(" ".join(cmd).encode() + (CSRC / "emu" / "python_main.cpp").read_bytes()).hexdigest()[:16]
+    exe = ROOT / "build" / "emu" / f"tsan-python-{key}"
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(".tmp")
+        done = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the tsan interpreter failed: {' '.join(cmd)}\n{done.stderr}")
+        tmp.rename(exe)
+    return exe
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="plain")
-    print(build(parser.parse_args().variant))
-    sys.exit(0)
+    parser.add_argument("--tsan-python", action="store_true", help="build the tsan interpreter instead")
+    args = parser.parse_args()
+    print(tsan_python() if args.tsan_python else build(args.variant))

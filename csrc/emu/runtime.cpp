@@ -176,6 +176,8 @@ struct Block {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   int live = 0, arrived = 0;
+  std::string said;  // the block's last printf, for a thread that traps without a message of its own
+  Fiber* trapped = nullptr;  // the first thread that trapped
 };
 
 thread_local Block* t_block = nullptr;
@@ -221,9 +223,9 @@ void record_error(Launch* l, const std::string& what, const std::string& said) {
   }
 }
 
-std::string where() {
+std::string where(const Fiber* f) {
   const Block* b = t_block;
-  const uint3 t = b->current->index;
+  const uint3 t = f->index;
   return "emulated PE " + std::to_string(b->launch->pe->index) + ", block " + std::to_string(b->index.x) +
          ", thread " + std::to_string(t.x);
 }
@@ -235,7 +237,7 @@ void fiber_main() {
     b->launch->body();
   } catch (const Trap&) {
   } catch (const std::exception& e) {
-    record_error(b->launch, where() + ": " + e.what(), "");
+    record_error(b->launch, where(f) + ": " + e.what(), "");
     b->launch->aborted = true;
   }
   f->state = State::kDone;
@@ -287,6 +289,7 @@ void run_block(Launch* l, uint3 index) {
   while (b.live > 0 && !l->aborted) {
     if (g_settings.chaos_rate > 0) std::shuffle(order.begin(), order.end(), shuffle);
     bool spun_only = true, ran = false;
+    const bool last_turn = b.trapped != nullptr;  // a thread trapped: the others' last turn
     for (int i : order) {
       Fiber& f = b.fibers[i];
       if (f.state != State::kRunnable) continue;
@@ -296,7 +299,7 @@ void run_block(Launch* l, uint3 index) {
       spun_only = spun_only && f.spun;
       if (l->aborted) break;
     }
-    if (!ran) break;
+    if (last_turn || !ran) break;
     // Every thread is waiting for a flag that has not changed: let the other blocks and PEs run.
     if (spun_only) {
       ++idle_rounds;
@@ -307,6 +310,11 @@ void run_block(Launch* l, uint3 index) {
     } else {
       idle_rounds = 0;
     }
+  }
+  if (b.trapped != nullptr) {
+    const std::string& said = b.trapped->said;
+    record_error(l, where(b.trapped) + " trapped", said.empty() ? b.said : said);
+    l->aborted = true;
   }
   t_block = nullptr;
 #if defined(__SANITIZE_THREAD__)
@@ -359,9 +367,10 @@ void sync_block() {
   check_aborted();
 }
 
+// The launch ends once the other threads of the block have had their turn: on a GPU the lanes of a
+// warp run together, so the lane that prints the message and the lane that traps first are one step.
 void trap() {
-  record_error(t_block->launch, where() + " trapped", t_block->current->said);
-  t_block->launch->aborted = true;
+  if (t_block->trapped == nullptr) t_block->trapped = t_block->current;
   throw Trap{};
 }
 
@@ -407,6 +416,7 @@ int device_printf(const char* fmt, ...) {
     std::string& said = t_block->current->said;
     said = buf;
     while (!said.empty() && said.back() == '\n') said.pop_back();
+    t_block->said = said;
   }
   return n;
 }
