@@ -27,7 +27,9 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
 def _load_builder():
-    spec = importlib.util.spec_from_file_location("symcomm_emu_build", ROOT / "csrc" / "emu" / "build.py")
+    # SYMCOMM_EMU_CSRC: build from another copy of csrc/ (tests/emu_mutations.py's mutants).
+    csrc = Path(os.environ.get("SYMCOMM_EMU_CSRC", ROOT / "csrc"))
+    spec = importlib.util.spec_from_file_location("symcomm_emu_build", csrc / "emu" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

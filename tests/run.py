@@ -4,7 +4,8 @@
     python tests/run.py --gpu only      # just the GPU suites (several PEs share one GPU if needed)
     python tests/run.py --worlds 2 -k all_reduce
 
-Steps: single-process tests (`-m "not dist"`), then the `dist` tests under torchrun once per world
+Steps: single-process tests (`-m "not dist"`, the emulated kernels of `-m emu` among them), the
+emulated kernels again under ThreadSanitizer, then the `dist` tests under torchrun once per world
 size on the torch backend with CPU tensors (gloo), then, with a GPU, the same tests on the nvshmem
 backend. Each run has a time limit so a hang cannot eat the whole job; every rank's output is kept,
 and the log of any rank that failed is printed in full.
@@ -13,6 +14,7 @@ and the log of any rank that failed is printed in full.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -94,8 +96,8 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
     return result
 
 
-def pytest_args(marker: str, junit: Path, extra: list[str]) -> list[str]:
-    return ["-m", "pytest", str(TESTS), "-m", marker, "-q", "-rfEs", f"--junitxml={junit}", *extra]
+def pytest_args(marker: str, junit: Path, extra: list[str], paths: tuple[Path, ...] = (TESTS,)) -> list[str]:
+    return ["-m", "pytest", *map(str, paths), "-m", marker, "-q", "-rfEs", f"--junitxml={junit}", *extra]
 
 
 def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
@@ -103,6 +105,24 @@ def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
     junit = work / f"{name.replace(' ', '-')}.xml"
     marker = "gpu and not dist" if gpu else "not dist and not gpu"
     return run(name, [sys.executable, *pytest_args(marker, junit, extra)], dict(os.environ), [junit], None, timeout)
+
+
+def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
+    """The emulated-kernel suites in an interpreter linked with ThreadSanitizer, on the tsan build of the
+    kernels; any race report ends the run with exit code 66."""
+    spec = importlib.util.spec_from_file_location("symcomm_emu_build", TESTS.parent / "csrc" / "emu" / "build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    junit = work / "emu-tsan.xml"
+    # OpenBLAS's own thread pool (numpy's references) synchronises in ways the sanitizer cannot see.
+    env = {**os.environ, "SYMCOMM_EMU_VARIANT": "tsan", "OPENBLAS_NUM_THREADS": "1",
+           "TSAN_OPTIONS": "halt_on_error=1 exitcode=66"}
+    # --noconftest: conftest.py imports torch, which the suites do not need; --capture=sys lets a
+    # sanitizer report reach the log.
+    cmd = [str(builder.tsan_python()),
+           *pytest_args("emu", junit, ["--noconftest", "--capture=sys", *extra],
+                       tuple(sorted(TESTS.glob("test_emu_*.py"))))]
+    return run("emu tsan", cmd, env, [junit], None, timeout)
 
 
 def distributed(work: Path, world: int, gpu: bool, extra: list[str], timeout: float) -> Result:
@@ -151,6 +171,7 @@ def main() -> int:
     if args.gpu != "only":
         if not args.no_single:
             results.append(single(work, False, extra, args.timeout))
+            results.append(emu_tsan(work, extra, args.timeout))
         results += [distributed(work, w, False, extra, args.timeout) for w in worlds]
     if gpu:
         if not args.no_single:

@@ -190,3 +190,40 @@ def test_host_checks():
             e.gemm_comm(ws, 0, 128 * 8193, 256, 0, 0, 0, 0, 0, ws, 256, 1, 2, 0)
         with pytest.raises(RuntimeError, match="16-byte vectors"):
             e.gemm_comm(ws, 0, 128, 260, 0, 0, 0, 0, 0, ws, 256, 1, 2, 0)
+
+
+def test_mixed_with_collectives_and_moe():
+    """Collectives, MoE dispatch and combine, and fused GEMMs interleaved with no host synchronisation:
+    they share each block index's barrier count, with grids of different sizes."""
+    from test_emu_collectives import call, output
+    from test_emu_moe import Moe
+
+    npes = 3
+    rng = np.random.default_rng(23)
+    with H.world(npes, blocks=4) as w:
+        pes = [Pe(w, q) for q in range(npes)]
+        sym = w.alloc(20001 * 4)
+        checks = []
+        for round_ in range(2):
+            width = 20000 + round_
+            values = [H.exact_values(rng, width) for _ in range(npes)]
+            outs = []
+            for q in range(npes):
+                host_addr, host = w.private(width * 4)
+                host.view(np.float32)[:] = values[q]
+                w.on_pe(q)
+                w.ext.emu.memcpy_async(w.base(q) + sym, host_addr, width * 4, 0)  # after the last round read it
+                dst, out = output(w, width * 4, "float32")
+                outs.append(out)
+                call(w, "reduce", q, (w.base(q) + sym, 0), 0, width * 4, dst, 0, "float32", True)
+            checks.append(lambda outs=outs, values=values: [
+                np.testing.assert_array_equal(o, sum(values)) for o in outs])
+            m = Moe(w, rng, [5, 0, 3], 2, 2, hidden=16, dtype="bfloat16", capacity=8)
+            for q in range(npes):
+                m.dispatch(q)
+                m.combine(q, m.expert_x)
+            checks.append(lambda m=m: m.check_combine(np.ones(m.experts)))
+            checks.append(run(w, "gemm_all_reduce", 130, 264, 16, "float16", rng, bias=True, k_major=False, pes=pes))
+        w.check()
+        for check in checks:
+            check()

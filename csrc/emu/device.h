@@ -41,6 +41,8 @@ void sync_block();
 void schedule(const void* flag);
 // A data load: in chaos mode, sometimes a switch too.
 void chaos_point();
+// Traps on a load the GPU would refuse ("misaligned address").
+void check_aligned(const void* p, std::size_t align);
 std::uint64_t now_ns();
 void fence();
 int device_printf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -73,6 +75,7 @@ cudaError_t cudaMemcpyToSymbol(const T& symbol, const void* src, size_t count, s
 
 template <typename T>
 inline T __ldcg(const T* p) {
+  ::symcomm::emu::check_aligned(p, alignof(T));
   ::symcomm::emu::chaos_point();
   return *p;
 }

@@ -205,8 +205,16 @@ void to_fiber(Block* b, Fiber* f) {
   swapcontext(&b->scheduler, &f->ctx);
 }
 
+// Another block of the launch trapped: end here.
 void check_aborted() {
   if (t_block->launch->aborted.load(std::memory_order_relaxed)) throw Trap{};
+}
+
+// Before a thread waits or meets the others: once a thread of its block trapped, the threads that
+// still run may finish what they are doing (a warp's lanes step together), but none gets further.
+void check_trapped() {
+  if (t_block->trapped != nullptr) throw Trap{};
+  check_aborted();
 }
 
 void release_barrier(Block* b) {
@@ -242,7 +250,7 @@ void fiber_main() {
   }
   f->state = State::kDone;
   --b->live;
-  if (b->arrived > 0 && b->arrived == b->live) release_barrier(b);
+  if (b->trapped == nullptr && b->arrived > 0 && b->arrived == b->live) release_barrier(b);
   to_scheduler();
 }
 
@@ -357,7 +365,7 @@ dim3 grid_dim() { return t_block->launch->grid; }
 
 void sync_block() {
   Block* b = t_block;
-  check_aborted();
+  check_trapped();
   if (++b->arrived == b->live) {
     release_barrier(b);
     return;
@@ -377,7 +385,7 @@ void trap() {
 void schedule(const void* flag) {
   Block* b = t_block;
   if (b == nullptr) return;
-  check_aborted();
+  check_trapped();
   Fiber* f = b->current;
   const std::uint64_t value = __atomic_load_n(static_cast<const std::uint64_t*>(flag), __ATOMIC_RELAXED);
   f->spun = f->last_flag == flag && f->last_value == value;
@@ -393,8 +401,16 @@ void chaos_point() {
   Fiber* f = b->current;
   f->rng = mix(f->rng);
   if (static_cast<double>(f->rng >> 11) * 0x1p-53 >= g_settings.chaos_rate) return;
+  check_trapped();
   to_scheduler();
   check_aborted();
+}
+
+void check_aligned(const void* p, std::size_t align) {
+  if (reinterpret_cast<std::uintptr_t>(p) % align == 0) return;
+  char addr[32];
+  std::snprintf(addr, sizeof addr, "%p", p);
+  device_fail("misaligned address: a " + std::to_string(align) + "-byte load from " + addr);
 }
 
 std::uint64_t now_ns() {
