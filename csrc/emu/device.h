@@ -3,7 +3,7 @@
 // build. The kernels in csrc/ compile unchanged as host C++: a launch runs each block on an OS thread
 // of its own (so every block of every PE is resident at once), the block's CUDA threads are fibers
 // that switch at __syncthreads() and at every flag load, and __shared__ variables are per block
-// because they are thread_local to the block's OS thread. See csrc/emu/README.md.
+// because they are thread_local to the block's OS thread. See docs/emulation.md.
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
