@@ -79,7 +79,7 @@ def _vec16(*pitches: int) -> bool:
     # Addresses are always 16-byte aligned (fresh outputs, the workspace, aligned in-place inputs, chunks
     # on 16-byte boundaries), so the pitches decide (a row's length need not: the kernels finish it with
     # a scalar tail); they are the same on every rank, and so is the choice.
-    return all(n % 16 == 0 for n in byte_sizes)
+    return all(n % 16 == 0 for n in pitches)
 
 
 def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst: int, dst_pitch: int,
