@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Downloads into ./.whl the wheels the GPU machine lacks, so that bench/gpu_run.sh can install them
+# Downloads into ./.whl the wheels the GPU machine lacks, so that bench/gpu_run.py can install them
 # there (it has no internet). Run it here, on a machine with PyPI access, from anywhere in the repo:
 #
 #     bash bench/fetch_wheels.sh
@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 #  - cuda-python: only a metadata package (it holds no modules): nvshmem4py-cu13 declares
 #    `cuda-python>=13,<14`, and nothing imports it, so it is carried for `pip check`'s sake alone.
 #    13.0.3 is the floor torch 2.11 sets for cuda-bindings (>=13.0.3); its own pins (cuda-bindings
-#    ~=13.0.3, cuda-pathfinder ~=1.1) may not match the image's versions, which gpu_run.sh records.
+#    ~=13.0.3, cuda-pathfinder ~=1.1) may not match the image's versions, which gpu_run.py records.
 #    Harmless either way: it is installed with --no-deps and no code checks it.
 #  - expecttest: in pyproject's `test` extra; torch.testing._internal.common_utils imports it
 #    (torch.library.opcheck itself does not). 8 KiB, so carried whether or not a test needs it yet.
