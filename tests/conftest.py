@@ -47,6 +47,21 @@ def world():
 
 
 @pytest.fixture
+def sym(world):
+    """symcomm.empty for one test, freed (collectively) when it ends, also when it fails: every rank
+    frees what it allocated, so the ranks' symmetric heaps stay alike for the tests that follow."""
+    made = []
+
+    def empty(shape, dtype):
+        made.append(symcomm.empty(shape, dtype))
+        return made[-1]
+
+    yield empty
+    for t in made:
+        symcomm.free(t)
+
+
+@pytest.fixture
 def gen(world, request):
     """A generator seeded from the session seed and the test id: fresh per test, equal on all ranks."""
     g = torch.Generator()

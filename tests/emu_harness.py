@@ -153,9 +153,10 @@ class World:
 @contextlib.contextmanager
 def world(npes: int, *, blocks: int = 4, heap_bytes: int = 8 << 20, workspace_bytes: int = 4 << 20,
           threads: int = 0, chaos_seed: int = 0, chaos_rate: float = 0.0, gemm_order: int = 1,
-          timeout_s: float = TIMEOUT_S):
-    """Starts the emulated device in the order runtime.init uses on a GPU: device state, the workspace's
-    barrier state zeroed, the block cap; stops it afterwards, also after a failure."""
+          timeout_s: float = TIMEOUT_S, load_kernels: bool = True):
+    """Starts the emulated device in the order runtime.init uses on a GPU: device state, every kernel
+    loaded on every PE (the emulation refuses to launch one that is not), the workspace's barrier state
+    zeroed, the block cap; stops it afterwards, also after a failure."""
     e = ext()
     if TSAN and threads == 0:
         threads = 32  # ThreadSanitizer's per-thread cost: fewer threads per block (loops use blockDim)
@@ -164,6 +165,10 @@ def world(npes: int, *, blocks: int = 4, heap_bytes: int = 8 << 20, workspace_by
     try:
         e.init_device_state(timeout_s)
         try:
+            if load_kernels:
+                for pe in range(npes):
+                    e.emu.set_pe(pe)
+                    e.load_kernels()
             w = World(npes, heap_bytes, workspace_bytes)
             for pe in range(npes):
                 w.view(pe, 0, np.uint8, e.workspace_data_offset())[:] = 0

@@ -7,7 +7,6 @@ zero-copy symmetric inputs, long runs of back-to-back calls, and CUDA-graph repl
 import pytest
 import torch
 
-import symcomm
 from harness import assert_close, on_gpu, seed_of
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
@@ -18,25 +17,21 @@ def gpu_sum(xs):
     return sum(x.double() for x in xs), sum(x.double().abs() for x in xs)
 
 
-def symmetric_copy(x: torch.Tensor) -> torch.Tensor:
-    s = symcomm.empty(tuple(x.shape), x.dtype)
-    s.copy_(x)
-    return s
+def symmetric_copy(sym, x: torch.Tensor) -> torch.Tensor:
+    return sym(tuple(x.shape), x.dtype).copy_(x)
 
 
 @pytest.mark.parametrize("algorithm", ["one_shot", "two_shot", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("numel", [1, 3, 1021, 65536 + 7, 4 << 20])
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
-def test_all_reduce_algorithms(world, gen, numel, dtype, algorithm, symmetric):
+def test_all_reduce_algorithms(world, gen, sym, numel, dtype, algorithm, symmetric):
     xs = on_gpu(world, seed_of(gen), (numel,), dtype)
-    x = symmetric_copy(xs[world.rank]) if symmetric else xs[world.rank]
+    x = symmetric_copy(sym, xs[world.rank]) if symmetric else xs[world.rank]
     keep = x.clone()
     out = ops.all_reduce(x, algorithm)
     assert_close(out, *gpu_sum(xs), dtype=dtype)
     assert torch.equal(x, keep), "all_reduce changed its input"
-    if symmetric:
-        symcomm.free(x)
 
 
 @pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
@@ -74,10 +69,9 @@ def test_a_thousand_back_to_back_calls_never_read_stale_data(world, gen):
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
-def test_cuda_graph_replay_with_the_input_mutated_inside_the_graph(world, gen, symmetric):
+def test_cuda_graph_replay_with_the_input_mutated_inside_the_graph(world, gen, sym, symmetric):
     n = 4096 * world.world_size + 5
-    static = symcomm.empty((n,), torch.bfloat16) if symmetric else torch.empty(n, dtype=torch.bfloat16,
-                                                                                device=world.device)
+    static = sym((n,), torch.bfloat16) if symmetric else torch.empty(n, dtype=torch.bfloat16, device=world.device)
     static.copy_(on_gpu(world, seed_of(gen), (n,), torch.bfloat16)[world.rank])
     stream = torch.cuda.Stream(world.device)
     stream.wait_stream(torch.cuda.current_stream(world.device))
@@ -100,14 +94,11 @@ def test_cuda_graph_replay_with_the_input_mutated_inside_the_graph(world, gen, s
         assert_close(reduced, *gpu_sum(xs), dtype=torch.bfloat16)
         assert torch.equal(gathered, torch.cat(xs))
         assert torch.equal(static, xs[world.rank] * -3)
-    if symmetric:
-        symcomm.free(static)
 
 
-def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen):
+def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen, sym):
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.int32, torch.int64, torch.float64):
         xs = on_gpu(world, seed_of(gen), (3, 1001), dtype)
-        x = symmetric_copy(xs[world.rank])
+        x = symmetric_copy(sym, xs[world.rank])
         out = ops.all_gather(x, 1)
         assert torch.equal(out.view(torch.uint8), torch.cat(xs, 1).view(torch.uint8)), dtype
-        symcomm.free(x)

@@ -81,14 +81,10 @@ def kernels(world, monkeypatch):
     symcomm.free(workspace)
 
 
-def make(world, gen, shape, dtype, symmetric):
+def make(world, gen, sym, shape, dtype, symmetric):
     xs = every_rank(gen, world.world_size, shape, dtype, "cpu")
     x = xs[world.rank]
-    if symmetric:
-        s = symcomm.empty(shape, dtype)
-        s.copy_(x)
-        x = s
-    return xs, x
+    return xs, sym(shape, dtype).copy_(x) if symmetric else x
 
 
 SIZES = [(1,), (7,), (33, 5), (300,), (1000,)]
@@ -98,8 +94,8 @@ SIZES = [(1,), (7,), (33, 5), (300,), (1000,)]
 @pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", SIZES)
-def test_all_reduce(world, gen, kernels, shape, dtype, algorithm, symmetric):
-    xs, x = make(world, gen, shape, dtype, symmetric)
+def test_all_reduce(world, gen, kernels, sym, shape, dtype, algorithm, symmetric):
+    xs, x = make(world, gen, sym, shape, dtype, symmetric)
     out = collectives.all_reduce(x, algorithm)
     assert_close(out, *sum_ref(xs), dtype=dtype)
     if world.world_size > 1:
@@ -111,8 +107,8 @@ def test_all_reduce(world, gen, kernels, shape, dtype, algorithm, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.int64])
 @pytest.mark.parametrize("shape, dim", [((1,), 0), ((300,), 0), ((3, 37), 1), ((1, 4, 70), 1), ((5, 2, 3), 2)])
-def test_all_gather(world, gen, kernels, shape, dim, dtype, symmetric):
-    xs, x = make(world, gen, shape, dtype, symmetric)
+def test_all_gather(world, gen, kernels, sym, shape, dim, dtype, symmetric):
+    xs, x = make(world, gen, sym, shape, dtype, symmetric)
     out = collectives.all_gather(x, dim)
     assert torch.equal(out.view(torch.uint8), torch.cat(xs, dim).view(torch.uint8))
 
@@ -120,10 +116,10 @@ def test_all_gather(world, gen, kernels, shape, dim, dtype, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape, dim", [((1,), 0), ((97,), 0), ((3, 40), 1), ((1, 8, 5), 1), ((2, 3), 0)])
-def test_reduce_scatter(world, gen, kernels, shape, dim, dtype, symmetric):
+def test_reduce_scatter(world, gen, kernels, sym, shape, dim, dtype, symmetric):
     shape = list(shape)
     shape[dim] *= world.world_size
-    xs, x = make(world, gen, shape, dtype, symmetric)
+    xs, x = make(world, gen, sym, shape, dtype, symmetric)
     ref, scale = (t.chunk(world.world_size, dim)[world.rank] for t in sum_ref(xs))
     assert_close(collectives.reduce_scatter(x, dim), ref, scale, dtype=dtype)
 
@@ -131,8 +127,8 @@ def test_reduce_scatter(world, gen, kernels, shape, dim, dtype, symmetric):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("rows, tail", [(1, ()), (3, (5,)), (70, (3,))])
-def test_all_to_all(world, gen, kernels, rows, tail, dtype, symmetric):
-    xs, x = make(world, gen, (rows * world.world_size, *tail), dtype, symmetric)
+def test_all_to_all(world, gen, kernels, sym, rows, tail, dtype, symmetric):
+    xs, x = make(world, gen, sym, (rows * world.world_size, *tail), dtype, symmetric)
     expected = torch.cat([t.chunk(world.world_size, 0)[world.rank] for t in xs])
     assert torch.equal(collectives.all_to_all(x).view(torch.uint8), expected.view(torch.uint8))
 

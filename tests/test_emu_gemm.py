@@ -44,15 +44,19 @@ class Pe:
         H.poison(out, dtype)
         return addr, out
 
-    def overlapped(self, comm, gemm) -> None:
-        """python/symcomm/gemm.py's fork and join, on this PE's default and side streams."""
+    def overlapped(self, comm, gemm, gemm_waits: bool) -> None:
+        """python/symcomm/gemm.py's fork and join, on this PE's default and side streams, in its order."""
         e = self.w.ext
         self.w.on_pe(self.pe)
         ws = self.w.base(self.pe)
         e.gemm_begin(ws, 0)
         e.emu.stream_wait_event(self.side, *e.emu.event_record(0))
-        comm(self.side)
-        gemm(0)
+        if gemm_waits:
+            comm(self.side)
+            gemm(0)
+        else:
+            gemm(0)
+            comm(self.side)
         e.emu.stream_wait_event(0, *e.emu.event_record(self.side))
 
 
@@ -86,19 +90,19 @@ def run(w: H.World, op: str, m: int, n: int, k: int, dtype: str, rng, *, bias: b
             p.overlapped(
                 lambda s: e.gemm_comm(ws, 0, m, n, 0, data, result, 0, 0, d_ptr, n, code, COMM_BLOCKS, s),
                 lambda s: e.gemm(ws, m, n, k, 1, a_ptr, lda, 0, b_ptr, ldb, k_major, ws + data, n, 0, bias_ptr, code,
-                                 True, False, True, GEMM_SMS, s))
+                                 True, False, True, GEMM_SMS, s), gemm_waits=False)
         elif op == "gemm_reduce_scatter":
             d_ptr, out = p.output(m // npes * n, dtype)
             p.overlapped(
                 lambda s: e.gemm_comm(ws, 1, m, n, 0, data, 0, 0, 0, d_ptr, n, code, COMM_BLOCKS, s),
                 lambda s: e.gemm(ws, m, n, k, 1, a_ptr, lda, 0, b_ptr, ldb, k_major, ws + data, n, 0, 0, code, True,
-                                 False, True, GEMM_SMS, s))
+                                 False, True, GEMM_SMS, s), gemm_waits=False)
         else:
             d_ptr, out = p.output(npes * m * n, dtype)
             p.overlapped(
                 lambda s: e.gemm_comm(ws, 2, m, 0, k, data, 0, a_ptr, lda, 0, n, code, COMM_BLOCKS, s),
                 lambda s: e.gemm(ws, m, n, k, npes, ws + data, k, m * k, b_ptr, ldb, k_major, d_ptr, n, m * n, 0, code,
-                                 False, True, False, GEMM_SMS, s))
+                                 False, True, False, GEMM_SMS, s), gemm_waits=True)
         outs.append(out)
 
     def check():
@@ -170,7 +174,7 @@ def test_missing_gemm_times_out_naming_the_pe():
             comm = lambda s: e.gemm_comm(ws, 0, m, n, 0, data, data + m * n * 2, 0, 0, d_ptr, n, 1, 2, s)
             gemm = lambda s: e.gemm(ws, m, n, k, 1, a_ptr, k, 0, b_ptr, n, False, ws + data, n, 0, 0, 1, True, False,
                                     True, 1, s)
-            p.overlapped(comm, gemm if p.pe == 0 else (lambda s: None))
+            p.overlapped(comm, gemm if p.pe == 0 else (lambda s: None), gemm_waits=False)
         errors = w.synchronize()
         # Whichever of PE 0's waits ends first: its reducer's for the tile, or its copier's at the last
         # barrier (PE 1's copier waits for PE 0's reduced tile).
@@ -190,6 +194,20 @@ def test_host_checks():
             e.gemm_comm(ws, 0, 128 * 8193, 256, 0, 0, 0, 0, 0, ws, 256, 1, 2, 0)
         with pytest.raises(RuntimeError, match="16-byte vectors"):
             e.gemm_comm(ws, 0, 128, 260, 0, 0, 0, 0, 0, ws, 256, 1, 2, 0)
+
+        # What the GEMM core's TMA descriptors need, which CUTLASS only asserts (compiled out).
+        def gemm(a=ws, lda=64, a_batch=0, b=ws, ldb=256, d=ws, batches=1):
+            e.gemm(ws, 128, 256, 64, batches, a, lda, a_batch, b, ldb, False, d, 256, 0, 0, 1, False, False, True, 1, 0)
+
+        aligned = "16-byte aligned A, B, D and bias, and leading dimensions and batch strides that are multiples of 8"
+        for bad in ({"a": ws + 2}, {"b": ws + 8}, {"d": ws + 4}, {"lda": 68}, {"ldb": 260},
+                    {"batches": 2, "a_batch": 128 * 64 + 4}):
+            with pytest.raises(RuntimeError, match=aligned):
+                gemm(**bad)
+        with pytest.raises(RuntimeError, match=r"strides of A and B must be below 2\^40 bytes"):
+            gemm(lda=1 << 39)
+        with pytest.raises(RuntimeError, match="leading dimensions must hold a row"):
+            gemm(lda=56)
 
 
 def test_mixed_with_collectives_and_moe():

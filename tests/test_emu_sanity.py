@@ -59,3 +59,19 @@ def test_wait_times_out():
         errors = w.synchronize()
         assert list(errors) == [1]
         assert "PE 1 timed out after 0.5 s waiting for sanity wait from PE -1 (flag 0, expected >= 1)" in errors[1]
+
+
+def test_kernels_launch_only_once_loaded():
+    # On a GPU the first launch of a kernel loads it, and may wait for the kernels already running
+    # (some of which may wait for it): the emulation refuses such a launch, and load_kernels loads all.
+    with H.world(2, load_kernels=False) as w:
+        flag = w.alloc(8)
+        w.on_pe(0)
+        with pytest.raises(RuntimeError, match="emulated PE 0 launched a kernel before load_kernels"):
+            w.ext.wait_flag(w.base(0) + flag, 0, 0)
+        w.ext.load_kernels()
+        w.ext.wait_flag(w.base(0) + flag, 0, 0)
+        w.on_pe(1)
+        with pytest.raises(RuntimeError, match="emulated PE 1 launched a kernel before load_kernels"):
+            w.ext.wait_flag(w.base(1) + flag, 0, 0)
+        w.check()

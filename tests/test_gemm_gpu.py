@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from harness import assert_close, gemm_ref, on_gpu, seed_of
-from symcomm import gemm
+from symcomm import gemm, runtime
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
 ops = torch.ops.symcomm
@@ -28,6 +28,26 @@ def row_parallel(world, gen, m, k, n, dtype, transposed):
     else:
         b_all = on_gpu(world, seed_of(gen), (kl, n), dtype)
     return a_all, b_all
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["kn", "weight.t()"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_batched_gemm_core_against_matmul(world, gen, dtype, transposed):
+    # all_gather_gemm's batched GEMM alone, which a world of one never runs: D[l] = A[l] @ B with one B
+    # for every batch, and batches of D apart by more than their rows, as all_gather_gemm's pieces are.
+    batches, m, k, n, gap = 3, 300, 136, 264, 8
+    a = on_gpu(world, seed_of(gen), (batches, m, k), dtype)[0]
+    weight = on_gpu(world, seed_of(gen), (n, k) if transposed else (k, n), dtype)[0]
+    b = weight.t() if transposed else weight
+    d = torch.full((batches, m + gap, n), float("nan"), dtype=dtype, device=world.device)
+    runtime.load_extension().gemm(
+        runtime.workspace().data_ptr(), m, n, k, batches, a.data_ptr(), k, m * k, weight.data_ptr(), weight.shape[1],
+        transposed, d.data_ptr(), n, (m + gap) * n, 0, gemm.DTYPE_CODES[dtype], False, False, False, runtime.sm_count(),
+        torch.cuda.current_stream(world.device).cuda_stream)
+    torch.cuda.synchronize(world.device)
+    ref = torch.matmul(a.double(), b.double())
+    assert_close(d[:, :m], ref, torch.matmul(a.double().abs(), b.double().abs()), dtype=dtype)
+    assert d[:, m:].isnan().all(), "the GEMM wrote between the batches"
 
 
 @pytest.mark.parametrize("path", ["fused", "unfused", "auto"])

@@ -48,7 +48,7 @@ class Kernels:
         self.tagged_epoch = 0
         self.bias_added = False
         # The comm kernel runs alongside the GEMM; here it runs when the tags would let it: after the
-        # GEMM that tags tiles, before the GEMM that waits for bands.
+        # GEMM that tags tiles (at once if that GEMM came first), before the GEMM that waits for bands.
         self.pending_comm = None
 
     def _run_pending(self):
@@ -97,6 +97,8 @@ class Kernels:
         self.launches.append(("all_reduce", "reduce_scatter", "all_gather")[mode])
         self.pending_comm = lambda: self._exchange(workspace, mode, m, n, k, partial_offset, src, src_pitch, dst,
                                                    dst_pitch, DTYPES[dtype])
+        if mode != 2 and self.tagged_epoch == self.epoch:
+            self._run_pending()
 
     @staticmethod
     def _exchange(workspace, mode, m, n, k, partial_offset, src, src_pitch, dst, dst_pitch, t):
@@ -120,11 +122,17 @@ class Kernels:
         write(dst, raw)
 
 
-def without_streams(ctx, comm, gemm_launch):
-    """_overlapped's launches, in its order, on the one CPU "stream"."""
-    ctx.ext.gemm_begin(ctx.workspace, ctx.stream)
-    comm(ctx.stream)
-    gemm_launch(ctx.stream)
+class Stream:
+    """torch.cuda.Stream on CPU: one stream, on which the stand-ins run as _overlapped queues them."""
+
+    device = torch.device("cpu")
+    cuda_stream = 0
+
+    def __init__(self, device=None):
+        pass
+
+    def wait_stream(self, other):
+        pass
 
 
 @pytest.fixture
@@ -133,7 +141,9 @@ def kernels(world, monkeypatch):
     workspace = symcomm.empty((256 + WORKSPACE_DATA,), torch.uint8)
     monkeypatch.setattr(runtime, "load_extension", lambda: fake)
     monkeypatch.setattr(runtime, "workspace", lambda: workspace)
-    monkeypatch.setattr(gemm, "_overlapped", without_streams)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(gemm, "_side_streams", {})
     yield fake
     symcomm.free(workspace)
     assert fake.pending_comm is None, "a comm kernel whose GEMM never came"
@@ -168,7 +178,8 @@ def test_gemm_all_reduce(world, gen, kernels, m, bias, b_layout, a_layout):
     assert_close(out, ref, scale, dtype=dtype)
     if world.world_size > 1:
         pieces = -(-m // gemm.fused_plan("gemm_all_reduce", m, n, k, dtype, world.world_size, WORKSPACE_DATA).rows)
-        assert kernels.launches == ["all_reduce", "gemm"] * pieces
+        # The kernel that the other waits for is queued first: here the GEMM (the comm kernel waits for its tiles).
+        assert kernels.launches == ["gemm", "all_reduce"] * pieces
         assert m < 300 or pieces > 1, "a product larger than the workspace must come in pieces"
     if bias:
         assert kernels.bias_added == (world.rank == 0), "exactly one rank adds the bias"
@@ -181,6 +192,8 @@ def test_gemm_reduce_scatter(world, gen, kernels, m_per_rank, b_layout, a_layout
     a_all, b_all = operands(world, gen, m, k, n, dtype, b_layout, a_layout)
     ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
     assert_close(gemm.fused("gemm_reduce_scatter", a_all[world.rank], b_all[world.rank]), ref, scale, dtype=dtype)
+    if world.world_size > 1:
+        assert kernels.launches == ["gemm", "reduce_scatter"]
 
 
 @pytest.mark.parametrize("b_layout, a_layout", LAYOUTS)
@@ -193,6 +206,7 @@ def test_all_gather_gemm(world, gen, kernels, m, b_layout, a_layout):
     assert_close(gemm.fused("all_gather_gemm", a_all[world.rank], b), ref, scale, dtype=dtype)
     if world.world_size > 1:
         rows = gemm.fused_plan("all_gather_gemm", m, n, k, dtype, world.world_size, WORKSPACE_DATA).rows
+        # The GEMM waits for the comm kernel's bands, so the comm kernel is queued first.
         assert kernels.launches == ["all_gather", "gemm"] * -(-m // rows)
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import symcomm
 from harness import assert_close
 from symcomm import runtime
 from symcomm.nn import ExpertParallelMoE, dense_moe
@@ -47,20 +46,6 @@ PATTERNS = {
     # The first expert twice: two rows, two slots, and combine adds both.
     "duplicates": lambda gen, t: distinct(gen, t, E, K)[:, [0, 0, 1]],
 }
-
-
-@pytest.fixture
-def sym(world):
-    """symcomm.empty for one test; freed (collectively) when it ends."""
-    made = []
-
-    def empty(shape, dtype):
-        made.append(symcomm.empty(shape, dtype))
-        return made[-1]
-
-    yield empty
-    for t in made:
-        symcomm.free(t)
 
 
 @pytest.fixture

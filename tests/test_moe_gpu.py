@@ -9,7 +9,6 @@ import textwrap
 import pytest
 import torch
 
-import symcomm
 from harness import run_alone
 
 pytestmark = pytest.mark.gpu
@@ -32,12 +31,12 @@ def expected_combine(x, ids, weights, rank_scale):
 
 
 @pytest.mark.dist
-def test_cuda_graph_replay_with_tokens_mutated_inside_the_graph(world, gen):
+def test_cuda_graph_replay_with_tokens_mutated_inside_the_graph(world, gen, sym):
     experts, k, hidden, tokens = 4 * world.world_size, 2, 256, 16
     local = experts // world.world_size
-    expert_x = symcomm.empty((local, tokens * world.world_size, hidden), torch.bfloat16)
-    expert_y = symcomm.empty(tuple(expert_x.shape), torch.bfloat16)
-    counts = symcomm.empty((local,), torch.int32)
+    expert_x = sym((local, tokens * world.world_size, hidden), torch.bfloat16)
+    expert_y = sym(tuple(expert_x.shape), torch.bfloat16)
+    counts = sym((local,), torch.int32)
     scale = torch.arange(1, experts + 1, device=world.device, dtype=torch.float32)
     my_scale = scale[world.rank * local:(world.rank + 1) * local].view(local, 1, 1)
     x = torch.empty(tokens, hidden, dtype=torch.bfloat16, device=world.device)
@@ -75,8 +74,6 @@ def test_cuda_graph_replay_with_tokens_mutated_inside_the_graph(world, gen):
         torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
         received = sum(int((i // local == world.rank).sum()) for i in idss)
         assert int(counts.sum()) == received
-    for t in (expert_x, expert_y, counts):
-        symcomm.free(t)
 
 
 OVERFLOW = textwrap.dedent(

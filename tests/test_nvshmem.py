@@ -15,31 +15,28 @@ from symcomm import runtime, sanity
 pytestmark = pytest.mark.gpu
 
 
-def random_symmetric(world, gen, shape, dtype=torch.float32):
+def random_symmetric(world, gen, sym, shape, dtype=torch.float32):
     """A symmetric tensor holding this rank's slice of random data, and every rank's data."""
     data = [torch.randn(shape, generator=gen).to(dtype) for _ in range(world.world_size)]
-    t = symcomm.empty(shape, dtype)
-    t.copy_(data[world.rank])
-    return t, data
+    return sym(shape, dtype).copy_(data[world.rank]), data
 
 
 @pytest.mark.dist
-def test_mpg_status_and_symmetric_heap(world):
+def test_mpg_status_and_symmetric_heap(world, sym):
     status = runtime.mpg_status()
     print(f"rank {world.rank}: NVSHMEM init status {status} ({ {3: 'limited MPG', 4: 'full MPG'}.get(status, 'one PE per GPU') })")
     assert status >= 2
-    t = symcomm.empty((1000,), torch.float32)
+    t = sym((1000,), torch.float32)
     assert t.is_cuda and t.device == world.device and symcomm.is_symmetric(t)
-    symcomm.free(t)
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("nbytes", [4, 4100, 1 << 20])
-def test_ring_put_with_signal(world, gen, nbytes):
+def test_ring_put_with_signal(world, gen, sym, nbytes):
     n = nbytes // 4
-    dst = symcomm.empty((n,), torch.float32)
+    dst = sym((n,), torch.float32)
     dst.fill_(float("nan"))
-    signal = symcomm.empty((1,), torch.int64)
+    signal = sym((1,), torch.int64)
     signal.zero_()
     sanity.barrier_all()  # every rank's signal is zero before anyone puts
     left = (world.rank - 1) % world.world_size
@@ -50,20 +47,17 @@ def test_ring_put_with_signal(world, gen, nbytes):
         torch.testing.assert_close(dst.cpu(), data[left], rtol=0, atol=0)
         # Nobody may overwrite a neighbour's dst before that neighbour has read it.
         sanity.barrier_all()
-    symcomm.free(dst)
-    symcomm.free(signal)
 
 
 @pytest.mark.dist
-def test_peer_pointer_load_reads_every_peer(world, gen):
-    t, data = random_symmetric(world, gen, (3, 1001))
+def test_peer_pointer_load_reads_every_peer(world, gen, sym):
+    t, data = random_symmetric(world, gen, sym, (3, 1001))
     sanity.barrier_all()
     for pe in range(world.world_size):
         got = sanity.peer_load(t, pe)
         assert got is not None, f"PE {pe} is not reachable through nvshmem_ptr from PE {world.rank}"
         torch.testing.assert_close(got.cpu(), data[pe], rtol=0, atol=0)
     sanity.barrier_all()
-    symcomm.free(t)
 
 
 @pytest.mark.dist

@@ -96,6 +96,29 @@ def test_empty_free_and_is_symmetric(fresh):
         symcomm.free(t)
 
 
+def test_free_waits_for_queued_work_on_every_rank_first(fresh, monkeypatch):
+    # A kernel queued before free may still read the tensor, here or on a peer, and the next empty()
+    # may reuse its memory: on the nvshmem backend, free syncs the device, then meets every rank.
+    symcomm.init(backend="torch")
+    state = symcomm.runtime._state
+    t = symcomm.empty((4,))
+    calls = []
+    monkeypatch.setattr(state, "backend", "nvshmem")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(symcomm.runtime.dist, "barrier", lambda: calls.append(("barrier",)))
+    monkeypatch.setattr(symcomm.runtime, "_free", lambda st, raw: calls.append(("free", raw.data_ptr())))
+    symcomm.free(t)
+    assert calls == [("synchronize", state.device), ("barrier",), ("free", t.data_ptr())]
+
+
+def test_cuda_device_is_the_class_nvshmem4py_takes():
+    pytest.importorskip("cuda.core", reason="cuda-core is not installed")
+    nvshmem_core = pytest.importorskip("nvshmem.core", reason="nvshmem4py is not installed")
+    # The module that defines nvshmem.core.init, and the Device it means.
+    init_module = sys.modules[nvshmem_core.init.__module__]
+    assert symcomm.runtime._cuda_device_class() is init_module.Device
+
+
 EVERY_RANK = textwrap.dedent(
     """
     import os, torch, symcomm

@@ -219,6 +219,18 @@ void gather(const CollectiveCall& c) {
   launch(gather_kernel, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, 1));
 }
 
+void load_collective_kernels() {
+  for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64})
+    with_dtype(dtype, [](auto tag) {
+      using T = decltype(tag);
+      load_kernel(reduce_kernel<T, 16 / sizeof(T)>);
+      load_kernel(reduce_kernel<T, 1>);
+      load_kernel(two_shot_kernel<T, 16 / sizeof(T)>);
+      load_kernel(two_shot_kernel<T, 1>);
+    });
+  load_kernel(gather_kernel);
+}
+
 std::int64_t workspace_data_offset() { return static_cast<std::int64_t>(kDataOffset); }
 
 bool peers_reachable(std::uintptr_t workspace) {

@@ -37,6 +37,9 @@ void gather(const CollectiveCall& c);
 // every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).
 void two_shot_all_reduce(const CollectiveCall& c);
 
+// Loads every kernel above (at init: see load_kernel in core/launch.cuh).
+void load_collective_kernels();
+
 // Where the data area starts in the workspace (bytes); everything before it is barrier state.
 std::int64_t workspace_data_offset();
 // Whether every PE's copy of the workspace is reachable by load/store from this PE.

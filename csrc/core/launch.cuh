@@ -26,11 +26,21 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, size_t smem_bytes, std:
                                             static_cast<int>(smem_bytes)));
   }
 #ifdef SYMCOMM_EMU
-  emu::launch(grid, block, stream, [kernel, args] { kernel(args); });
+  emu::launch(reinterpret_cast<const void*>(kernel), grid, block, stream, [kernel, args] { kernel(args); });
 #else
   kernel<<<grid, block, smem_bytes, as_stream(stream)>>>(args);
 #endif
   SYMCOMM_CUDA_CHECK(cudaGetLastError());
+}
+
+// Loads a kernel now instead of at its first launch. Under lazy loading (CUDA_MODULE_LOADING=LAZY, the
+// default) a first launch may wait for the kernels already running on the device, and ours wait for
+// each other: the fused GEMM's comm kernel spins on tiles of a GEMM queued beside it. So every kernel is
+// loaded at init (load_kernels in bindings.cpp).
+template <typename Args>
+void load_kernel(void (*kernel)(Args)) {
+  cudaFuncAttributes attributes;
+  SYMCOMM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
 }
 
 }  // namespace symcomm

@@ -62,6 +62,13 @@ __global__ void wait_kernel(WaitArgs a) { wait_geq(a.flag, a.target, "sanity wai
 
 }  // namespace
 
+void load_sanity_kernels() {
+  load_kernel(ring_put_signal_kernel);
+  load_kernel(peer_load_kernel);
+  load_kernel(barrier_all_kernel);
+  load_kernel(wait_kernel);
+}
+
 void ring_put_signal(std::uintptr_t dst, std::uintptr_t src, std::size_t bytes, std::uintptr_t signal,
                      std::uint64_t epoch, std::uintptr_t stream) {
   SYMCOMM_CHECK(epoch > 0, "epoch must be positive (signals start at 0)");

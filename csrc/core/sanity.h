@@ -16,5 +16,7 @@ void peer_load(std::uintptr_t out, std::uintptr_t symmetric, std::size_t bytes, 
 void barrier_all(std::uintptr_t stream);
 // Waits on the device until *flag >= target, under the device wait timeout.
 void wait_flag(std::uintptr_t flag, std::uint64_t target, std::uintptr_t stream);
+// Loads every kernel above (at init: see load_kernel in core/launch.cuh).
+void load_sanity_kernels();
 
 }  // namespace symcomm

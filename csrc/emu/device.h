@@ -46,8 +46,8 @@ void check_aligned(const void* p, std::size_t align);
 std::uint64_t now_ns();
 void fence();
 int device_printf(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
-// Queues `body` on `stream` of the current PE as a grid of blocks of fibers.
-void launch(dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> body);
+// Queues `body`, the kernel at `entry`, on `stream` of the current PE as a grid of blocks of fibers.
+void launch(const void* entry, dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> body);
 
 }  // namespace symcomm::emu
 
@@ -65,6 +65,11 @@ void launch(dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> 
 template <class T>
 cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+
+template <class T>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, T* entry) {
+  return ::cudaFuncGetAttributes(attr, reinterpret_cast<const void*>(entry));
 }
 
 template <class T>

@@ -82,9 +82,8 @@ void run_standin(const GemmCall& c, const GemmHooks& hooks) {
     std::shuffle(order->begin(), order->end(), rng);
   }
   const StandinArgs args{c, hooks, order->data()};
-  emu::launch(std::min({c.sms, total, kBlocks}), kThreads, c.stream, [args, order] {
-    standin_gemm_kernel<T>(args);
-  });
+  emu::launch(reinterpret_cast<const void*>(&standin_gemm_kernel<T>), std::min({c.sms, total, kBlocks}), kThreads,
+              c.stream, [args, order] { standin_gemm_kernel<T>(args); });
   SYMCOMM_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -98,6 +97,16 @@ void run_gemm<GemmDType::kBFloat16>(const GemmCall& c, const GemmHooks& hooks) {
 template <>
 void run_gemm<GemmDType::kFloat16>(const GemmCall& c, const GemmHooks& hooks) {
   run_standin<__half>(c, hooks);
+}
+
+template <>
+void load_gemm_core<GemmDType::kBFloat16>() {
+  load_kernel(standin_gemm_kernel<__nv_bfloat16>);
+}
+
+template <>
+void load_gemm_core<GemmDType::kFloat16>() {
+  load_kernel(standin_gemm_kernel<__half>);
 }
 
 }  // namespace symcomm

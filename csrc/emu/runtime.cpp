@@ -16,10 +16,12 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
 #include "core/check.h"
+#include "core/device_state.h"
 
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
@@ -41,6 +43,7 @@ struct Pe {
   std::string error;  // sticky, like a CUDA context after a trap
   std::uint64_t launches = 0;
   std::vector<std::unique_ptr<Stream>> streams;  // [0] is the default stream
+  std::set<const void*> loaded;  // the kernels cudaFuncGetAttributes has loaded
 };
 
 struct World {
@@ -83,13 +86,16 @@ struct Stream {
 
   explicit Stream(Pe* owner) : pe(owner), worker([this] { run(); }) {}
 
-  ~Stream() {
+  ~Stream() { finish(); }
+
+  // Lets the worker run what it was given, then ends it.
+  void finish() {
     {
       std::lock_guard<std::mutex> lock(mu);
       stop = true;
     }
     cv.notify_all();
-    worker.join();
+    if (worker.joinable()) worker.join();
   }
 
   std::uint64_t push(std::function<void()> task) {
@@ -107,6 +113,12 @@ struct Stream {
   void wait_for(std::uint64_t n) {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return done >= n; });
+  }
+
+  // False once `deadline` passed first.
+  bool wait_for(std::uint64_t n, std::chrono::nanoseconds deadline) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, deadline, [&] { return done >= n; });
   }
 
   void run() {
@@ -437,8 +449,15 @@ int device_printf(const char* fmt, ...) {
   return n;
 }
 
-void launch(dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> body) {
+void launch(const void* entry, dim3 grid, dim3 block, std::uintptr_t stream, std::function<void()> body) {
   Pe& pe = current_pe();
+  {
+    // A GPU would load the kernel here, at its first launch, and that load may wait for the kernels
+    // already running, some of which may be waiting for this one: the emulation insists on load_kernels.
+    std::lock_guard<std::mutex> lock(pe.mu);
+    SYMCOMM_CHECK(pe.loaded.count(entry) == 1, "emulated PE " + std::to_string(pe.index) +
+                                                   " launched a kernel before load_kernels() loaded it");
+  }
   SYMCOMM_CHECK(grid.x * grid.y * grid.z >= 1 && block.x * block.y * block.z >= 1 && block.x * block.y * block.z <= 1024,
                 "invalid launch configuration");
   if (g_settings.threads > 0 && block.y == 1 && block.z == 1) block.x = std::min<unsigned>(block.x, g_settings.threads);
@@ -477,7 +496,10 @@ void start(int npes, std::size_t heap_bytes) {
 
 void stop() {
   if (g_world == nullptr) return;
-  // Streams finish what they were given first: every wait has a deadline.
+  // Streams finish what they were given first (every wait has a deadline), all of them before any is
+  // freed: a stream may be waiting for an event of another.
+  for (auto& pe : g_world->pes)
+    for (auto& s : pe->streams) s->finish();
   for (auto& pe : g_world->pes) pe->streams.clear();
   for (auto& pe : g_world->pes) munmap(pe->heap, g_world->heap_bytes);
   g_world.reset();
@@ -513,7 +535,14 @@ Event event_record(std::uintptr_t stream) {
 void stream_wait_event(std::uintptr_t stream, Event e) {
   Stream& s = stream_of(current_pe(), stream);
   Stream* other = reinterpret_cast<Stream*>(e.stream);
-  s.push([other, n = e.count] { other->wait_for(n); });
+  // A GPU would wait for ever on an event that never completes (a cycle of waits); here the wait has
+  // the device waits' deadline, twice over, and then fails the PE.
+  Pe* pe = s.pe;
+  s.push([pe, other, n = e.count] {
+    if (other->wait_for(n, std::chrono::nanoseconds(2 * wait_timeout_ns()))) return;
+    std::lock_guard<std::mutex> lock(pe->mu);
+    if (pe->error.empty()) pe->error = "emulated PE " + std::to_string(pe->index) + ": a stream waited for an event that never completed";
+  });
 }
 
 
@@ -618,6 +647,16 @@ const char* cudaGetErrorString(cudaError_t error) {
 }
 
 cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+
+// Loads the kernel on the current PE. The attributes are zero: nothing reads them.
+cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void* func) {
+  if (func == nullptr) return cudaErrorInvalidDeviceFunction;
+  auto& pe = current_pe();
+  std::memset(attr, 0, sizeof *attr);
+  std::lock_guard<std::mutex> lock(pe.mu);
+  pe.loaded.insert(func);
+  return cudaSuccess;
+}
 
 cudaError_t cudaMemcpyToSymbol(const void* symbol, const void* src, size_t count, size_t offset, enum cudaMemcpyKind) {
   std::memcpy(static_cast<char*>(const_cast<void*>(symbol)) + offset, src, count);

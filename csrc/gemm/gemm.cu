@@ -201,6 +201,14 @@ void check_tiles(int count, const char* what) {
 
 }  // namespace
 
+void load_gemm_kernels() {
+  load_kernel(gemm_begin_kernel);
+  load_kernel(gemm_comm_kernel<__nv_bfloat16>);
+  load_kernel(gemm_comm_kernel<__half>);
+  load_gemm_core<GemmDType::kBFloat16>();
+  load_gemm_core<GemmDType::kFloat16>();
+}
+
 void gemm_begin(std::uintptr_t workspace, std::uintptr_t stream) {
   SYMCOMM_CHECK(workspace != 0, "null workspace");
   launch(gemm_begin_kernel, 1, 1, 0, stream, Workspace{reinterpret_cast<char*>(workspace)});
@@ -209,6 +217,20 @@ void gemm_begin(std::uintptr_t workspace, std::uintptr_t stream) {
 void gemm(const GemmCall& c) {
   SYMCOMM_CHECK(c.m >= 1 && c.n >= 1 && c.k >= 1 && c.batches >= 1, "GEMM sizes must be positive");
   SYMCOMM_CHECK(c.sms >= 1, "the GEMM needs at least one SM");
+  // The GEMM core loads A and B through TMA descriptors and stores D in 16-byte vectors. What a
+  // descriptor needs (a 16-byte aligned address, byte strides that are 16-byte multiples below 2^40)
+  // CUTLASS only asserts, and NDEBUG removes its asserts (its can_implement checks the stride types,
+  // not their values): a descriptor the driver refused would go unreported. Both dtypes are 16-bit,
+  // so 16 bytes are 8 elements.
+  SYMCOMM_CHECK(c.lda >= c.k && c.ldb >= (c.b_k_major ? c.k : c.n) && c.ldd >= c.n && c.a_batch >= 0 &&
+                    c.d_batch >= 0,
+                "the GEMM's leading dimensions must hold a row and its batch strides must not be negative");
+  SYMCOMM_CHECK((c.a | c.b | c.d | c.bias) % 16 == 0 && (c.lda | c.ldb | c.ldd | c.a_batch | c.d_batch) % 8 == 0,
+                "the GEMM needs 16-byte aligned A, B, D and bias, and leading dimensions and batch strides that "
+                "are multiples of 8 elements (16 bytes)");
+  constexpr std::int64_t kMaxStride = (std::int64_t{1} << 40) / 2;
+  SYMCOMM_CHECK(c.lda < kMaxStride && c.ldb < kMaxStride && c.a_batch < kMaxStride,
+                "the GEMM's strides of A and B must be below 2^40 bytes (a TMA descriptor's limit)");
   if (c.tag_tiles) check_tiles(tiles(c.m, c.n) * c.batches, "output tiles");
   if (c.wait_bands) check_tiles(tiles_along(c.m, kTileM) * c.batches, "bands of A rows");
   const Workspace ws{reinterpret_cast<char*>(c.workspace)};

@@ -161,6 +161,13 @@ MoeArgs make_args(const MoeCall& c) {
 
 }  // namespace
 
+void load_moe_kernels() {
+  load_kernel(moe_counts_kernel);
+  load_kernel(moe_dispatch_kernel);
+  load_kernel(moe_combine_kernel<__half>);
+  load_kernel(moe_combine_kernel<__nv_bfloat16>);
+}
+
 void moe_dispatch(const MoeCall& c) {
   const MoeArgs a = make_args(c);
   launch(moe_counts_kernel, 1, kThreads, 0, c.stream, a);

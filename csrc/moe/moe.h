@@ -31,5 +31,7 @@ struct MoeCall {
 void moe_dispatch(const MoeCall& c);
 // y[t] = sum_j weights[t, j] * expert_y at routing[t, j], read from the owners, float32 accumulation.
 void moe_combine(const MoeCall& c);
+// Loads every kernel above (at init: see load_kernel in core/launch.cuh).
+void load_moe_kernels();
 
 }  // namespace symcomm

@@ -5,7 +5,7 @@ Each op has two paths, and every rank takes the same one (the choice depends on 
 - unfused: torch.matmul (cuBLAS), then our collective. It wins at small M, where the GEMM is too short
   to hide anything behind and a second kernel only adds latency.
 - fused: the CUTLASS GEMM on most of the SMs and the comm kernel on the rest, running at the same time
-  on two streams (gemm_begin, fork, comm kernel, GEMM, join):
+  on two streams (gemm_begin, fork, the two kernels, join):
     gemm_all_reduce      the GEMM writes its partial tiles into the workspace and tags each one; the
                          tile's owner (tile % world) sums it over the ranks as soon as all have tagged
                          it, and the others copy the sum from the owner (a two-shot all-reduce by tile);
@@ -165,17 +165,32 @@ def _weight(b: torch.Tensor) -> _Operand:
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _overlapped(ctx, comm, gemm) -> None:
+def _overlapped(ctx, comm, gemm, gemm_waits: bool) -> None:
     """Runs comm(stream) on a side stream alongside gemm(stream) on the current one, after gemm_begin
-    and before anything queued later (fork and join: also how it is captured in a CUDA graph)."""
+    and before anything queued later (fork and join: also how it is captured in a CUDA graph).
+
+    gemm_waits: whether the GEMM waits for the comm kernel (all_gather_gemm's bands) rather than the
+    comm kernel for the GEMM (the tiles of the other two).
+
+    Both kernels fit at once: the GEMM's persistent grid is sized to our SMs less the comm kernel's
+    blocks, and init loaded every kernel (under lazy loading, a first launch could wait for the kernel
+    already spinning). Still, the kernel that the other waits for is queued first, so that it is
+    resident first should the SMs run short (another process's kernels, a smaller MPS share than we
+    think): the comm kernel for all_gather_gemm, whose GEMM waits for its bands; otherwise the GEMM,
+    which waits for nothing, so it finishes and frees its SMs even if the comm kernel gets none first.
+    """
     main = torch.cuda.current_stream()
     side = _side_streams.get(main.device)
     if side is None:
         side = _side_streams[main.device] = torch.cuda.Stream(main.device)
     ctx.ext.gemm_begin(ctx.workspace, main.cuda_stream)
     side.wait_stream(main)
-    comm(side.cuda_stream)  # queued first, so that its blocks find free SMs before the GEMM fills them
-    gemm(main.cuda_stream)
+    if gemm_waits:
+        comm(side.cuda_stream)
+        gemm(main.cuda_stream)
+    else:
+        gemm(main.cuda_stream)
+        comm(side.cuda_stream)
     main.wait_stream(side)
 
 
@@ -222,10 +237,10 @@ def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None =
             _overlapped(ctx, lambda s: comm(s, rows, dst=d_ptr, result=data + plan.result),
                         # The bias goes into one rank's partial sums, so that the total holds it once.
                         lambda s: gemm(s, rows, a_ptr, lhs.ld, ctx.data, bias_ptr=bias_ptr if rank == 0 else 0,
-                                       tag=True))
+                                       tag=True), gemm_waits=False)
     elif op == "gemm_reduce_scatter":
         _overlapped(ctx, lambda s: comm(s, m, dst=out.data_ptr()),
-                    lambda s: gemm(s, m, lhs.ptr, lhs.ld, ctx.data, tag=True))
+                    lambda s: gemm(s, m, lhs.ptr, lhs.ld, ctx.data, tag=True), gemm_waits=False)
     else:
         # Piece by piece: rows [r0, r0 + rows) of every rank's a. The gathered A is [world, rows, k], and
         # batch l of the GEMM writes rank l's rows of the output.
@@ -234,5 +249,5 @@ def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None =
             a_ptr, d_ptr = lhs.ptr + r0 * lhs.ld * isz, out.data_ptr() + r0 * n * isz
             _overlapped(ctx, lambda s: comm(s, rows, src=a_ptr, src_pitch=lhs.ld),
                         lambda s: gemm(s, rows, ctx.data, k, d_ptr, batches=world, a_batch=rows * k, d_batch=m * n,
-                                       wait=True, along_m=False))
+                                       wait=True, along_m=False), gemm_waits=True)
     return out

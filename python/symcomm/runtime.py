@@ -14,6 +14,9 @@ import importlib
 import logging
 import math
 import os
+import shutil
+import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +43,8 @@ class _State:
     owns_process_group: bool
     # Ranks that share one GPU: NCCL refuses them, so the process group is gloo only.
     shared_gpu: bool = False
+    # The ranks of this node on this rank's GPU, this one included.
+    pes_per_gpu: int = 1
     workspace: torch.Tensor | None = None
     # Every live allocation of empty(), keyed by storage address. Holding them here keeps their
     # frees collective and explicit (free() or finalize()), never in a garbage-collector callback.
@@ -161,16 +166,23 @@ def problems_on_ranks(problem: str | None) -> str | None:
     return "; ".join(f"rank {r}: {p}" for r, p in enumerate(everyone) if p) or None
 
 
+def _cuda_device_class():
+    # The class nvshmem.core.init takes its `device` as, and calls methods of later: nvshmem4py 0.4.1
+    # imports it from cuda.core (older cuda.core releases had it in cuda.core.experimental only).
+    from cuda.core import Device
+
+    return Device
+
+
 def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     import nvshmem.core
-    from cuda.core import Device
 
     if state.shared_gpu:
         # One GPU: no NVLink switch to multicast through and no network to reach.
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
         os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     torch.cuda.set_device(state.device)
-    cuda_device = Device(state.device.index)
+    cuda_device = _cuda_device_class()(state.device.index)
     cuda_device.set_current()
     uid = nvshmem.core.get_unique_id(empty=state.rank != 0)
     box = [uid]
@@ -179,6 +191,7 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     state.nvshmem_up = True
     ext = load_extension()
     ext.init_device_state(state.timeout_s)
+    ext.load_kernels()
     state.workspace = _allocate(state, (workspace_bytes,), torch.uint8)
     # The kernels' barrier flags and counters live at the front of the workspace and only ever count
     # up; the heap is not zeroed, so zero them, and let nobody signal a peer before all have.
@@ -189,17 +202,77 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
                                     "reachable by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
     if unreachable:
         raise RuntimeError(f"init(backend='nvshmem'): {unreachable}")
-    state.sms = _sm_share(state.device)
-    # Blocks per collective kernel: no more than our SMs, so that the blocks of every rank can run at
-    # once (their barriers wait for each other).
+    state.sms = _agreed_sm_share(state)
+    # Blocks per collective kernel: no more than our SMs, whose sum over the ranks on a GPU fits in it,
+    # so that the blocks of every rank can run at once (their barriers wait for each other).
     ext.set_max_blocks(min(state.sms, ext.max_blocks))
 
 
-def _sm_share(device: torch.device) -> int:
-    """This rank's SMs (its MPS share when several ranks share the GPU), the minimum over ranks."""
-    share = _env_int("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") or 100
-    sms = torch.cuda.get_device_properties(device).multi_processor_count * share // 100
-    agreed = torch.tensor([max(1, sms)])
+MPS_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+MPS_CONTROL = "nvidia-cuda-mps-control"
+MPS_PIPE_DEFAULT = "/tmp/nvidia-mps"
+
+
+def _mps_server_answer(env: Mapping[str, str]) -> str | None:
+    """The MPS server's answer to get_default_active_thread_percentage (or why there is none), or None
+    where no server runs: no control program on PATH, or no pipe directory."""
+    control = shutil.which(MPS_CONTROL, path=env.get("PATH"))
+    if control is None or not os.path.isdir(env.get("CUDA_MPS_PIPE_DIRECTORY", MPS_PIPE_DEFAULT)):
+        return None
+    try:
+        done = subprocess.run([control], input="get_default_active_thread_percentage\n", capture_output=True,
+                              text=True, timeout=10, env=dict(env))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"no answer ({e})"
+    if done.returncode != 0:
+        return f"exit status {done.returncode} ({done.stderr.strip()})"
+    return done.stdout.strip()
+
+
+def _percentage(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0 < value <= 100 else None
+
+
+def _sm_share(sms: int, pes_per_gpu: int, env: Mapping[str, str], mps_answer: str | None) -> tuple[int, str]:
+    """(how many SMs this PE's kernels may use, why), so that the blocks of every PE on the GPU can be
+    resident at once (some wait for others): the PE's MPS share of the SMs, and no more than an equal
+    split among the PEs on the GPU, whatever MPS says (a share it does not enforce, or shares that add
+    up to more than the GPU, would let one PE's waiting blocks hold the SMs another PE's blocks need).
+
+    The MPS share is CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, else the server's default (mps_answer: what
+    _mps_server_answer returned), else everything.
+    """
+    raw = env.get(MPS_PERCENTAGE)
+    if raw is not None:
+        percent = _percentage(raw)
+        if percent is None:
+            raise ValueError(f"{MPS_PERCENTAGE}={raw!r} is not a percentage in (0, 100]")
+        why = f"{MPS_PERCENTAGE}={raw}"
+    elif mps_answer is None:
+        percent, why = 100.0, "no MPS server"
+    else:
+        percent = _percentage(mps_answer)
+        why = f"the MPS server's default percentage, {mps_answer}"
+        if percent is None:
+            percent, why = 100.0, f"the MPS server gave no default percentage ({mps_answer!r}), so 100"
+    share = int(sms * percent // 100)
+    if pes_per_gpu > 1 and sms // pes_per_gpu < share:
+        share = sms // pes_per_gpu
+        why += f", split evenly among the {pes_per_gpu} PEs on the GPU"
+    return max(1, share), why
+
+
+def _agreed_sm_share(state: _State) -> int:
+    """This rank's SMs (see _sm_share), logged, then the minimum over ranks."""
+    sms = torch.cuda.get_device_properties(state.device).multi_processor_count
+    answer = None if MPS_PERCENTAGE in os.environ else _mps_server_answer(os.environ)
+    share, why = _sm_share(sms, state.pes_per_gpu, os.environ, answer)
+    log.info("symcomm: rank %d may use %d of the GPU's %d SMs (%s)", state.rank, share, sms, why)
+    agreed = torch.tensor([share])
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return int(agreed)
 
@@ -262,12 +335,13 @@ def init(backend: str = "auto", workspace_bytes: int | None = None, timeout_s: f
     rank, world, local_rank, local_world = _rank_env()
     device = _pick_device(local_rank)
     shared_gpu = device.type == "cuda" and local_world > torch.cuda.device_count()
+    pes_per_gpu = len(range(device.index, local_world, torch.cuda.device_count())) if device.type == "cuda" else 1
     owns_pg = _start_process_group(device, shared_gpu, timeout_s, rank, world)
     if dist.get_world_size() != world and "WORLD_SIZE" in os.environ:
         raise RuntimeError(f"init: torch.distributed has {dist.get_world_size()} ranks but WORLD_SIZE={world}")
     rank, world = dist.get_rank(), dist.get_world_size()
 
-    state = _State("torch", rank, world, device, float(timeout_s), owns_pg, shared_gpu, init_args=args)
+    state = _State("torch", rank, world, device, float(timeout_s), owns_pg, shared_gpu, pes_per_gpu, init_args=args)
     try:
         state.backend = _choose_backend(backend, device, rank)
         if state.backend == "nvshmem":
@@ -311,9 +385,7 @@ def _teardown(state: _State) -> None:
     if state.nvshmem_up:
         import nvshmem.core
 
-        # No peer may still be reading our heap when we free it.
-        torch.cuda.synchronize(state.device)
-        dist.barrier()
+        _quiesce(state)
         load_extension().finalize_device_state()
         for raw in list(state.symmetric.values()):
             _free(state, raw)
@@ -412,10 +484,21 @@ def is_symmetric(t: torch.Tensor) -> bool:
     return _allocation_of(t) is not None
 
 
+def _quiesce(state: _State) -> None:
+    """Returns once no kernel of any rank can still touch the symmetric heap: ours have finished (also
+    those reading peers' memory), and so have every other rank's."""
+    torch.cuda.synchronize(state.device)
+    dist.barrier()
+
+
 def free(t: torch.Tensor) -> None:
-    """Frees a tensor made by symcomm.empty. Collective on the nvshmem backend."""
+    """Frees a tensor made by symcomm.empty. Collective on the nvshmem backend, where it first waits for
+    the work queued so far on every rank: a kernel may still read the tensor, here or on a peer, and the
+    next empty() may hand its memory out again."""
     state = _get()
     raw = _allocation_of(t)
     if raw is None or raw is state.workspace:
         raise ValueError("free: t is not a live tensor allocated by symcomm.empty (freed already, or not symmetric)")
+    if state.backend == "nvshmem":
+        _quiesce(state)
     _free(state, raw)

@@ -5,4 +5,9 @@ template <>
 void run_gemm<GemmDType::kBFloat16>(const GemmCall& c, const GemmHooks& hooks) {
   run_typed<cutlass::bfloat16_t>(c, hooks);
 }
+
+template <>
+void load_gemm_core<GemmDType::kBFloat16>() {
+  load_typed<cutlass::bfloat16_t>();
+}
 }  // namespace symcomm

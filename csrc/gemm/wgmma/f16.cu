@@ -5,4 +5,9 @@ template <>
 void run_gemm<GemmDType::kFloat16>(const GemmCall& c, const GemmHooks& hooks) {
   run_typed<cutlass::half_t>(c, hooks);
 }
+
+template <>
+void load_gemm_core<GemmDType::kFloat16>() {
+  load_typed<cutlass::half_t>();
+}
 }  // namespace symcomm

@@ -21,6 +21,7 @@
 #include <string>
 
 #include "core/check.h"
+#include "core/launch.cuh"
 #include "core/memory.cuh"
 #include "gemm/wgmma/wgmma.h"
 
@@ -136,7 +137,13 @@ struct FusedGemm {
   using TileShape = cute::Shape<cute::Int<kTileM>, cute::Int<kTileN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   using Layout = cutlass::layout::RowMajor;
-  using LayoutB = std::conditional_t<BKMajor, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  // B's (N, K, L) strides. Every batch multiplies by the same B, and a static zero batch stride says so
+  // at compile time: CuTe then leaves the batch mode out of B's TMA descriptor instead of asking
+  // cuTensorMapEncodeTiled for a dimension of stride 0 and size > 1, which the driver may refuse (and
+  // CUTLASS would only print the refusal). A's batch stride is 0 only for a single batch, as in
+  // CUTLASS's own packed strides; D and the bias do not go through TMA.
+  using LayoutB = std::conditional_t<BKMajor, cute::Stride<int64_t, cute::_1, cute::_0>,
+                                     cute::Stride<cute::_1, int64_t, cute::_0>>;
   static constexpr int kAlign = 16 / sizeof(T);
 
   using Epilogue = TaggingEpilogue<typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -166,7 +173,6 @@ struct FusedGemm {
       get<0>(stride_b) = c.ldb;
     else
       get<1>(stride_b) = c.ldb;
-    get<2>(stride_b) = 0;  // every batch multiplies by the same B
     StrideC stride_bias{};
     get<0>(stride_bias) = 0;  // one row of bias, broadcast down the rows
     get<2>(stride_bias) = 0;
@@ -203,6 +209,9 @@ struct FusedGemm {
     SYMCOMM_CHECK(op.run(stream) == cutlass::Status::kSuccess, "CUTLASS GEMM launch failed");
     SYMCOMM_CUDA_CHECK(cudaGetLastError());
   }
+
+  // The kernel that GemmUniversalAdapter::run launches.
+  static void load() { load_kernel(cutlass::device_kernel<Kernel>); }
 };
 
 template <typename T>
@@ -211,6 +220,12 @@ void run_typed(const GemmCall& c, const GemmHooks& hooks) {
     FusedGemm<T, true>::run(c, hooks);
   else
     FusedGemm<T, false>::run(c, hooks);
+}
+
+template <typename T>
+void load_typed() {
+  FusedGemm<T, true>::load();
+  FusedGemm<T, false>::load();
 }
 
 }  // namespace symcomm

@@ -19,5 +19,8 @@ struct GemmHooks {
 // Defined for kFloat16 and kBFloat16, one translation unit each so that they compile in parallel.
 template <GemmDType D>
 void run_gemm(const GemmCall& c, const GemmHooks& hooks);
+// Loads the kernels that run_gemm<D> launches.
+template <GemmDType D>
+void load_gemm_core();
 
 }  // namespace symcomm
