@@ -26,9 +26,9 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
-def _load_builder():
-    # SYMCOMM_EMU_CSRC: build from another copy of csrc/ (tests/emu_mutations.py's mutants).
-    csrc = Path(os.environ.get("SYMCOMM_EMU_CSRC", ROOT / "csrc"))
+def builder(csrc: Path | None = None):
+    """csrc/emu/build.py of `csrc` (default: SYMCOMM_EMU_CSRC, a mutant's copy, else this checkout's)."""
+    csrc = csrc or Path(os.environ.get("SYMCOMM_EMU_CSRC", ROOT / "csrc"))
     spec = importlib.util.spec_from_file_location("symcomm_emu_build", csrc / "emu" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,7 +42,7 @@ def ext():
     """The emulated extension, built from this checkout's csrc/ (cached until a source changes)."""
     global _EXT
     if _EXT is None:
-        _EXT = _load_builder().load(VARIANT)
+        _EXT = builder().load(VARIANT)
     return _EXT
 
 

@@ -9,7 +9,6 @@ named with it must fail.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import emu_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,13 +70,6 @@ MUTATIONS = {
 }
 
 
-def _builder(csrc: Path):
-    spec = importlib.util.spec_from_file_location("symcomm_emu_build", csrc / "emu" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
     """(caught, seconds, the last line pytest printed)."""
     path, old, new, tests, *variant = MUTATIONS[name]
@@ -90,7 +84,7 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
     env = {**os.environ, "SYMCOMM_EMU_CSRC": str(csrc)}
     python = sys.executable
     if variant == ["tsan"]:
-        python = str(_builder(csrc).tsan_python())
+        python = str(emu_harness.builder(csrc).tsan_python())
         env.update(SYMCOMM_EMU_VARIANT="tsan", OPENBLAS_NUM_THREADS="1", TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     files, *select = tests.split(" ", 1)
     cmd = [python, "-m", "pytest", "-x", "-q", "--noconftest", "-p", "no:cacheprovider",

@@ -14,7 +14,6 @@ and the log of any rank that failed is printed in full.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
@@ -110,9 +109,9 @@ def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
 def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
     """The emulated-kernel suites in an interpreter linked with ThreadSanitizer, on the tsan build of the
     kernels; any race report ends the run with exit code 66."""
-    spec = importlib.util.spec_from_file_location("symcomm_emu_build", TESTS.parent / "csrc" / "emu" / "build.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    import emu_harness
+
+    builder = emu_harness.builder(TESTS.parent / "csrc")
     junit = work / "emu-tsan.xml"
     # OpenBLAS's own thread pool (numpy's references) synchronises in ways the sanitizer cannot see.
     env = {**os.environ, "SYMCOMM_EMU_VARIANT": "tsan", "OPENBLAS_NUM_THREADS": "1",

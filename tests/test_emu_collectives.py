@@ -34,7 +34,7 @@ class Inputs:
     So PEs tell each other different offsets and pitches. Values are copied there on each PE's stream,
     in order with its kernels, as collectives.py does."""
 
-    def __init__(self, w: H.World, rng, rows: int, width: int, dtype: str, vec16: bool, placement: list[str]):
+    def __init__(self, w: H.World, rows: int, width: int, dtype: str, vec16: bool, placement: list[str]):
         isz = H.ITEMSIZE[dtype]
         self.rows, self.width, self.dtype = rows, width, dtype
         padded = (width * isz + 31) // 16 * 16 if vec16 else width * isz + 2 * isz
@@ -102,7 +102,7 @@ def test_reductions(kernel, npes, dtype, size, vec16):
     rows = npes if kernel == "reduce_scatter" else 1
     isz = H.ITEMSIZE[dtype]
     with H.world(npes) as w:
-        inputs = Inputs(w, rng, rows, width, dtype, vec16, placements(rng, npes, allow_staged=not vec16 or rows == 1
+        inputs = Inputs(w, rows, width, dtype, vec16, placements(rng, npes, allow_staged=not vec16 or rows == 1
                                                                       or width * isz % 16 == 0))
         values = [H.exact_values(rng, (rows, width)) for _ in range(npes)]
         outs = []

@@ -44,9 +44,8 @@ class Moe:
         self.host = []
         for pe in range(self.npes):
             buffers = {}
-            for name, values, np_type in [("x", H.encode(self.x[pe], dtype), None),
-                                          ("ids", self.ids[pe].astype(np.int64), None),
-                                          ("weights", self.weights[pe].astype(np.float32), None)]:
+            for name, values in [("x", H.encode(self.x[pe], dtype)), ("ids", self.ids[pe].astype(np.int64)),
+                                 ("weights", self.weights[pe].astype(np.float32))]:
                 addr, raw = w.private(max(values.nbytes, 16))
                 raw[:values.nbytes] = values.view(np.uint8).ravel()
                 buffers[name] = addr
