@@ -1,0 +1,181 @@
+"""Shows that the suites fail when the code is wrong: each mutation below is a plausible bug, planted
+in a scratch copy of the sources, and the tests named with it must fail.
+
+- In csrc/: the emulated module is built from the copy and the emulated-kernel suites run on it.
+- In python/symcomm/: the copy is imported in place of the installed package, and the tests run
+  under torchrun at world 2 on the torch backend (the host-side stand-ins and the op tests).
+
+    python3 tests/mutations.py            # every mutation; exit 1 if any went unnoticed
+    python3 tests/mutations.py -k owner   # those whose name contains "owner"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import emu_harness
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name: (file, the exact text, what it becomes, the tests that must notice[, "tsan": under
+# ThreadSanitizer, for orderings that the emulation's x86 host would otherwise forgive])
+MUTATIONS = {
+    "two-shot without its middle barrier": (
+        "csrc/collectives/collectives.cu", "  s.meet(peers);  // every share is reduced\n", "",
+        "test_emu_collectives.py -k two_shot"),
+    "a wait that accepts the previous flag (off by one)": (
+        "csrc/core/wait.cuh", "while ((seen = load_acquire_sys(flag)) < target)",
+        "while ((seen = load_acquire_sys(flag)) + 1 < target)", "test_emu_collectives.py -k back_to_back"),
+    "one-shot reduce that does not wait for its peers at the end": (
+        "csrc/collectives/collectives.cu", "sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);\n  s.close();",
+        "sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);\n  s.save();",
+        "test_emu_collectives.py -k back_to_back"),
+    "the last block drops the remainder": (
+        "csrc/collectives/collectives.cu", "hi = blockIdx.x + 1 == gridDim.x ? len : units", "hi = units",
+        "test_emu_collectives.py -k reductions"),
+    "the scalar tail skips an element": (
+        "csrc/collectives/collectives.cu", "for (std::int64_t i = vec_hi + threadIdx.x; i < hi; i += blockDim.x) {",
+        "for (std::int64_t i = vec_hi + 1 + threadIdx.x; i < hi; i += blockDim.x) {",
+        "test_emu_collectives.py -k reductions"),
+    "gather picks its unit from the destination only": (
+        "csrc/collectives/collectives.cu",
+        "const std::uintptr_t align = reinterpret_cast<std::uintptr_t>(src) | reinterpret_cast<std::uintptr_t>(dst);",
+        "const std::uintptr_t align = reinterpret_cast<std::uintptr_t>(dst);", "test_emu_collectives.py -k gather"),
+    "fused all-reduce: wrong tile owner for the copiers": (
+        "csrc/gemm/gemm.cu", "const int owner = t % a.npes;", "const int owner = (t + 1) % a.npes;",
+        "test_emu_gemm.py -k all_reduce"),
+    "fused reduce-scatter misses the tile its first rows straddle": (
+        "csrc/gemm/gemm.cu", "const int first = lo / kTileM,", "const int first = (lo + kTileM - 1) / kTileM,",
+        "test_emu_gemm.py -k reduce_scatter"),
+    "all-gather + GEMM tags its own bands as PE 0's": (
+        "csrc/gemm/gemm.cu", "band_index(i, a.me, tiles_m)", "band_index(i, 0, tiles_m)", "test_emu_gemm.py -k all_gather"),
+    "fused GEMM calls share one tag": (
+        "csrc/gemm/gemm.cu", "{ ++*ws.gemm_epoch(); }", "{ *ws.gemm_epoch() = 1; }", "test_emu_gemm.py -k back_to_back"),
+    "MoE slots: higher PEs' pairs first": (
+        "csrc/moe/moe.cu", "for (int src = 0; src < me; ++src) slot +=", "for (int src = me + 1; src < a.npes; ++src) slot +=",
+        "test_emu_moe.py"),
+    "MoE expert counts miss the last PE": (
+        "csrc/moe/moe.cu", "for (int src = 0; src < a.npes; ++src) total +=", "for (int src = 0; src + 1 < a.npes; ++src) total +=",
+        "test_emu_moe.py"),
+    "MoE combine ignores the weights": (
+        "csrc/moe/moe.cu", "acc[n] += w[j] * static_cast<float>(r.v[n]);", "acc[n] += static_cast<float>(r.v[n]);",
+        "test_emu_moe.py"),
+    "a flag store without release ordering": (
+        "csrc/core/memory.cuh", "__atomic_store_n(p, v, __ATOMIC_RELEASE);", "__atomic_store_n(p, v, __ATOMIC_RELAXED);",
+        "test_emu_collectives.py -k reductions", "tsan"),
+    # The host side.
+    "fused path without the join": (
+        "python/symcomm/gemm.py", "    main.wait_stream(side)\n", "", "test_gemm_plan.py"),
+    "fused path without the fork": (
+        "python/symcomm/gemm.py", "    side.wait_stream(main)\n", "", "test_gemm_plan.py"),
+    "fused all-reduce's reduced tiles on top of its partial sums": (
+        "python/symcomm/gemm.py", "return Plan(rows, _up(rows * n * isz, _ALIGN))", "return Plan(rows, 0)",
+        "test_gemm_plan.py -k gemm_all_reduce"),
+    "the GEMM keeps the comm kernel's SMs": (
+        "python/symcomm/gemm.py", "sms = max(1, runtime.sm_count() - (blocks if world > 1 else 0))",
+        "sms = runtime.sm_count()", "test_gemm_plan.py -k share"),
+    "every rank adds the bias": (
+        "python/symcomm/gemm.py", "bias_ptr=bias_ptr if rank == 0 else 0", "bias_ptr=bias_ptr",
+        "test_gemm_plan.py -k gemm_all_reduce"),
+    "all-gather + GEMM writes rank l's rows one piece apart": (
+        "python/symcomm/gemm.py", "d_batch=m * n", "d_batch=rows * n", "test_gemm_plan.py -k all_gather_gemm"),
+    "two-shot result area on top of the staging area": (
+        "python/symcomm/collectives.py", "result_offset = ctx.data - ctx.workspace + capacity",
+        "result_offset = ctx.data - ctx.workspace", "test_collectives_plan.py -k all_reduce"),
+    "reduce-scatter chunks sized for a single row": (
+        "python/symcomm/collectives.py", "_chunks(c, isz, ctx.data_bytes // ctx.world)", "_chunks(c, isz, ctx.data_bytes)",
+        "test_collectives_plan.py -k reduce_scatter"),
+    "a staged chunk copied from the start of the row": (
+        "python/symcomm/collectives.py", "staged.copy_(rows[:, lo:hi])", "staged.copy_(rows[:, :hi - lo])",
+        "test_collectives_plan.py -k all_gather"),
+    "all-gather rows placed one chunk apart": (
+        "python/symcomm/collectives.py", "n * isz, x.dtype, _vec16(n * isz))", "(hi - lo) * isz, x.dtype, _vec16(n * isz))",
+        "test_collectives_plan.py -k all_gather"),
+    "16-byte vectors claimed for any pitch": (
+        "python/symcomm/collectives.py", "return all(n % 16 == 0 for n in pitches)", "return True",
+        "test_collectives_plan.py"),
+    "a misaligned symmetric input read in place": (
+        "python/symcomm/collectives.py", "if runtime.is_symmetric(rows) and rows.data_ptr() % 16 == 0:",
+        "if runtime.is_symmetric(rows):", "test_collectives_plan.py"),
+}
+
+
+def _installed_extension() -> Path | None:
+    """The built symcomm._C of the installed package (the scratch copy of python/ has none)."""
+    spec = importlib.util.find_spec("symcomm")
+    for folder in spec.submodule_search_locations if spec else []:
+        for so in Path(folder).glob("_C*.so"):
+            return so
+    return None
+
+
+def _planted(name: str, scratch: Path) -> Path:
+    """A scratch copy of the mutated file's top folder (csrc/ or python/), with the mutation in it."""
+    path, old, new, *_ = MUTATIONS[name]
+    top = path.split("/", 1)[0]
+    copy = scratch / top
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ROOT / top, copy, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    target = scratch / path
+    text = target.read_text()
+    if text.count(old) != 1:
+        raise SystemExit(f"mutation {name!r}: {old!r} occurs {text.count(old)} times in {path}, expected once")
+    target.write_text(text.replace(old, new))
+    return copy
+
+
+def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
+    """(caught, seconds, what pytest reported)."""
+    path, _, _, tests, *variant = MUTATIONS[name]
+    copy = _planted(name, scratch)
+    files, *select = tests.split(" ", 1)
+    args = ["-x", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / files), *(select[0].split(" ", 1) if select else [])]
+    env, python = dict(os.environ), sys.executable
+    if path.startswith("csrc/"):
+        env["SYMCOMM_EMU_CSRC"] = str(copy)
+        if variant == ["tsan"]:
+            python = str(emu_harness.builder(copy).tsan_python())
+            env.update(SYMCOMM_EMU_VARIANT="tsan", OPENBLAS_NUM_THREADS="1", TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+        cmd = [python, "-m", "pytest", "--noconftest", *args]
+    else:
+        extension = _installed_extension()
+        if extension is not None:
+            shutil.copy(extension, copy / "symcomm")
+        env.update(PYTHONPATH=str(copy), SYMCOMM_TEST_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
+        cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "pytest", "-m", "dist", *args]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=1200)
+    out = done.stdout + done.stderr
+    if "emulated build failed" in out:
+        raise SystemExit(f"mutation {name!r} does not compile:\n{done.stdout[-3000:]}")
+    # What failed: the first assertion pytest shows, else its summary line.
+    shown = [l[1:].strip() for l in out.splitlines() if l.startswith("E ")]
+    summary = [l.strip() for l in out.splitlines() if " passed" in l or " failed" in l]
+    return done.returncode != 0, time.monotonic() - start, (shown or summary or [out[-200:]])[0][:300]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only the mutations whose name contains this")
+    names = [n for n in MUTATIONS if parser.parse_args().k in n]
+    missed = []
+    with tempfile.TemporaryDirectory(prefix="symcomm-mutants-") as tmp:
+        for name in names:
+            caught, seconds, last = run_one(name, Path(tmp))
+            print(f"{'caught' if caught else 'MISSED'}  {seconds:5.1f} s  {name}  [{last}]", flush=True)
+            if not caught:
+                missed.append(name)
+    print(f"\n{len(names) - len(missed)} of {len(names)} mutations caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
