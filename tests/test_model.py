@@ -1,9 +1,11 @@
-"""The tensor-parallel Llama against the dense reference, and shard_state_dict.
+"""The tensor-parallel Llama against the dense reference, shards that own their memory, and
+shard_state_dict.
 
 The model tests run on every rank (dist); the shard_state_dict tests are pure and run once, for
 every rank of worlds 1, 2 and 4.
 """
 
+import dataclasses
 import re
 
 import pytest
@@ -17,14 +19,16 @@ F64 = torch.float64
 # num_kv_heads=2 < 4 ranks: at world 4 each kv head is replicated on two ranks.
 CONFIG = snn.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, rope_theta=1000.0)
+QWEN2_CONFIG = dataclasses.replace(CONFIG, qkv_bias=True)  # Qwen2's attention: no bias on o_proj
+BIAS_CONFIG = dataclasses.replace(CONFIG, qkv_bias=True, o_proj_bias=True)
 
 
 def close(out, ref):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
-def dense_model(state_dict):
-    model = snn.DenseLlama(CONFIG, dtype=F64)
+def dense_model(state_dict, config=CONFIG):
+    model = snn.DenseLlama(config, dtype=F64)
     model.load_state_dict(state_dict)
     return model
 
@@ -32,25 +36,26 @@ def dense_model(state_dict):
 @pytest.mark.dist
 @pytest.mark.parametrize("plan,sequence_parallel", [("full", False), ("full", True), ("ffn_only", False)],
                          ids=["full", "full-sp", "ffn_only"])
-def test_model_matches_dense(world, gen, plan, sequence_parallel):
-    state = snn.random_state_dict(CONFIG, gen, F64)
-    ids = torch.randint(0, CONFIG.vocab_size, (2, 8), generator=gen)
-    grad = torch.randn(2, 8, CONFIG.vocab_size, generator=gen, dtype=F64)
-    dense = dense_model(state)
+@pytest.mark.parametrize("config", [CONFIG, QWEN2_CONFIG], ids=["nobias", "qkv_bias"])
+def test_model_matches_dense(world, gen, config, plan, sequence_parallel):
+    state = snn.random_state_dict(config, gen, F64)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=gen)
+    grad = torch.randn(2, 8, config.vocab_size, generator=gen, dtype=F64)
+    dense = dense_model(state, config)
     ref = dense(ids)
     ref.backward(grad)
 
-    model = snn.ParallelLlama.from_state_dict(CONFIG, state, plan=plan, sequence_parallel=sequence_parallel)
+    model = snn.ParallelLlama.from_state_dict(config, state, plan=plan, sequence_parallel=sequence_parallel)
     logits = model(ids)
     logits.backward(grad)
     close(logits, ref)
     # Every parameter's gradient is its shard of the dense one.
     dense_grads = {name: p.grad for name, p in dense.named_parameters()}
     expected = symcomm.shard_state_dict(dense_grads, plan, world.rank, world.world_size,
-                                        num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads)
+                                        num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
     for name, p in model.named_parameters():
         # Replicated kv heads hold part of their gradient on each rank (see test_parallel_attention).
-        if plan == "full" and world.world_size > CONFIG.num_kv_heads and re.search(r"[kv]_proj", name):
+        if plan == "full" and world.world_size > config.num_kv_heads and re.search(r"[kv]_proj", name):
             continue
         close(p.grad, expected[name])
 
@@ -82,6 +87,40 @@ def test_model_positions_and_bad_sequence(world, gen):
         snn.ParallelLlama(CONFIG, plan="ffn_only", sequence_parallel=True)
 
 
+def assert_copy(shard, full, name):
+    """shard owns storage of its own size, so that it does not keep the full tensor alive."""
+    storage = shard.untyped_storage()
+    assert storage.data_ptr() != full.untyped_storage().data_ptr(), f"{name} is a view of the full tensor"
+    assert storage.nbytes() == shard.numel() * shard.element_size(), f"{name}'s storage is not its own size"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("source", ["from_dense", "from_state_dict"])
+def test_shards_are_copies(world, gen, source):
+    """Every kind of shard, from either loader: column, row, vocabulary, q and kv heads (replicated
+    at world 4), split and replicated biases, norms."""
+    state = snn.random_state_dict(BIAS_CONFIG, gen, F64)
+    if source == "from_state_dict":
+        full = state
+        shards = list(snn.ParallelLlama.from_state_dict(BIAS_CONFIG, state).named_parameters())
+    else:
+        dense = dense_model(state, BIAS_CONFIG)
+        full = dict(dense.named_parameters())
+        attn, mlp = dense.model.layers[0].self_attn, dense.model.layers[0].mlp
+        heads = dict(num_heads=BIAS_CONFIG.num_heads, num_kv_heads=BIAS_CONFIG.num_kv_heads)
+        layers = [
+            ("model.embed_tokens", snn.VocabParallelEmbedding.from_dense(dense.model.embed_tokens)),
+            ("model.layers.0.self_attn", snn.ParallelAttention.from_dense(**dict(attn.named_children()), **heads)),
+            ("model.layers.0.mlp", snn.ParallelMLP.from_dense(**dict(mlp.named_children()))),
+            # The linear layers' own from_dense shards a bias too: split (column) or replicated (row).
+            ("model.layers.0.self_attn.q_proj", snn.ColumnParallelLinear.from_dense(attn.q_proj)),
+            ("model.layers.0.self_attn.o_proj", snn.RowParallelLinear.from_dense(attn.o_proj)),
+        ]
+        shards = [(f"{prefix}.{name}", p) for prefix, layer in layers for name, p in layer.named_parameters()]
+    for name, shard in shards:
+        assert_copy(shard, full[name], name)
+
+
 # ---------------------------------------------------------------------------------------------
 # shard_state_dict (pure; no communication)
 
@@ -93,7 +132,9 @@ FULL_SPLITS = {**MLP_SPLITS, "embed_tokens": 0, "lm_head": 0, "q_proj": 0, "k_pr
 
 def expected_split(name, plan):
     splits = FULL_SPLITS if plan == "full" else MLP_SPLITS
-    return next((how for module, how in splits.items() if f"{module}." in name), None)
+    how = next((how for module, how in splits.items() if f"{module}." in name), None)
+    # A row-split layer's bias is replicated: added once, after the reduction.
+    return None if how == 1 and name.endswith(".bias") else how
 
 
 def kv_rows(rank, world):
@@ -106,10 +147,11 @@ def kv_rows(rank, world):
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 @pytest.mark.parametrize("plan", ["full", "ffn_only"])
-def test_shard_state_dict_round_trip(plan, world_size):
-    state = snn.random_state_dict(CONFIG, torch.Generator().manual_seed(world_size), F64)
-    shards = [symcomm.shard_state_dict(state, plan, r, world_size, num_heads=CONFIG.num_heads,
-                                       num_kv_heads=CONFIG.num_kv_heads) for r in range(world_size)]
+@pytest.mark.parametrize("config", [CONFIG, QWEN2_CONFIG, BIAS_CONFIG], ids=["nobias", "qkv_bias", "bias"])
+def test_shard_state_dict_round_trip(gen, config, plan, world_size):
+    state = snn.random_state_dict(config, gen, F64)
+    shards = [symcomm.shard_state_dict(state, plan, r, world_size, num_heads=config.num_heads,
+                                       num_kv_heads=config.num_kv_heads) for r in range(world_size)]
     for name, full in state.items():
         parts = [s[name] for s in shards]
         how = expected_split(name, plan)

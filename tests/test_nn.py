@@ -176,14 +176,14 @@ def test_parallel_mlp(world, gen, sequence_parallel):
     close(mlp.down_proj.weight.grad, block(down.weight.grad, 1, r, n))
 
 
-def reference_attention(x, wq, wk, wv, wo, num_heads, num_kv_heads, theta, positions):
+def reference_attention(x, q_proj, k_proj, v_proj, o_proj, num_heads, num_kv_heads, theta, positions):
     """Causal GQA attention with rotary embeddings, written out: explicit scores and mask, and the
     rotation as complex multiplication of the pairs (x[i], x[i + D/2])."""
     b, s, _ = x.shape
-    d = wq.shape[0] // num_heads
-    q = (x @ wq.t()).view(b, s, num_heads, d)
-    k = (x @ wk.t()).view(b, s, num_kv_heads, d)
-    v = (x @ wv.t()).view(b, s, num_kv_heads, d)
+    d = q_proj.out_features // num_heads
+    q = q_proj(x).view(b, s, num_heads, d)
+    k = k_proj(x).view(b, s, num_kv_heads, d)
+    v = v_proj(x).view(b, s, num_kv_heads, d)
     freqs = theta ** (-2 * torch.arange(d // 2, dtype=F64) / d)
     rotation = torch.polar(torch.ones(s, d // 2, dtype=F64), positions.double()[:, None] * freqs)[:, None, :]
 
@@ -197,28 +197,30 @@ def reference_attention(x, wq, wk, wv, wo, num_heads, num_kv_heads, theta, posit
     future = torch.ones(s, s, dtype=torch.bool).triu(1)
     probs = scores.masked_fill(future, float("-inf")).softmax(-1)
     out = torch.einsum("bhij,bjhd->bihd", probs, v[:, :, kv_of]).reshape(b, s, num_heads * d)
-    return out @ wo.t()
+    return o_proj(out)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
-def test_parallel_attention(world, gen, heads, sequence_parallel):
+@pytest.mark.parametrize("qkv_bias,o_proj_bias", [(False, False), (True, False), (True, True)],
+                         ids=["nobias", "qkv_bias", "bias"])
+def test_parallel_attention(world, gen, qkv_bias, o_proj_bias, heads, sequence_parallel):
     r, n = world.rank, world.world_size
     num_heads, num_kv_heads = heads
     hidden, head_dim, theta = 16, 8, 500.0
-    q_proj = dense_linear(gen, hidden, num_heads * head_dim, False)
-    k_proj, v_proj = (dense_linear(gen, hidden, num_kv_heads * head_dim, False) for _ in range(2))
-    o_proj = dense_linear(gen, num_heads * head_dim, hidden, False)
+    q_proj = dense_linear(gen, hidden, num_heads * head_dim, qkv_bias)
+    k_proj, v_proj = (dense_linear(gen, hidden, num_kv_heads * head_dim, qkv_bias) for _ in range(2))
+    o_proj = dense_linear(gen, num_heads * head_dim, hidden, o_proj_bias)
     b, s = 2, 8
     x, grad = randn(gen, b, s, hidden), randn(gen, b, s, hidden)
     positions = torch.arange(s) + 3  # not from 0: positions must reach the rotation
 
-    ref, ref_x_grad = run(lambda t: reference_attention(t, q_proj.weight, k_proj.weight, v_proj.weight,
-                                                        o_proj.weight, num_heads, num_kv_heads, theta, positions),
-                          x, grad)
     projections = dict(q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj)
-    dense = snn.Attention(hidden, num_heads, num_kv_heads, head_dim, theta, dtype=F64)
-    dense.load_state_dict({f"{k}.weight": m.weight for k, m in projections.items()})
+    ref, ref_x_grad = run(lambda t: reference_attention(t, **projections, num_heads=num_heads,
+                                                        num_kv_heads=num_kv_heads, theta=theta, positions=positions),
+                          x, grad)
+    dense = snn.Attention(hidden, num_heads, num_kv_heads, head_dim, theta, qkv_bias, o_proj_bias, dtype=F64)
+    dense.load_state_dict({f"{k}.{name}": p for k, m in projections.items() for name, p in m.named_parameters()})
     close(dense(x, positions), ref)
 
     attn = snn.ParallelAttention.from_dense(**projections, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -232,9 +234,15 @@ def test_parallel_attention(world, gen, heads, sequence_parallel):
     close(x_grad, local(ref_x_grad))
     close(attn.q_proj.weight.grad, block(q_proj.weight.grad, 0, r, n))
     close(attn.o_proj.weight.grad, block(o_proj.weight.grad, 1, r, n))
+    if qkv_bias:
+        close(attn.q_proj.bias.grad, block(q_proj.bias.grad, 0, r, n))
+    if o_proj_bias:  # replicated, added once after the reduction
+        close(attn.o_proj.bias.grad, o_proj.bias.grad)
     # A kv head shared by several ranks gets a part of its gradient on each: their sum is the dense one.
     group = num_heads // num_kv_heads
-    for mine, full in ((attn.k_proj.weight.grad, k_proj.weight.grad), (attn.v_proj.weight.grad, v_proj.weight.grad)):
+    kv_grads = [(p.grad, getattr(projections[proj], name).grad)
+                for proj in ("k_proj", "v_proj") for name, p in getattr(attn, proj).named_parameters()]
+    for mine, full in kv_grads:
         every = [torch.empty_like(mine) for _ in range(n)]
         dist.all_gather(every, mine)
         total = torch.zeros_like(full)

@@ -56,19 +56,24 @@ class _SelfAttention(nn.Module):
 
 
 class Attention(_SelfAttention):
-    """Dense Llama attention on x [B, S, hidden] (the single-process reference)."""
+    """Dense Llama attention on x [B, S, hidden] (the single-process reference).
+
+    qkv_bias and o_proj_bias are separate because checkpoints differ: Qwen2 has biases on q, k and v
+    only, Llama's attention_bias puts them on all four projections.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
-                 rope_theta: float = 10000.0, bias: bool = False, *, device=None, dtype=None) -> None:
+                 rope_theta: float = 10000.0, qkv_bias: bool = False, o_proj_bias: bool = False, *, device=None,
+                 dtype=None) -> None:
         super().__init__()
         self.heads, self.kv_heads = num_heads, num_kv_heads
         self.head_dim = head_dim or hidden_size // num_heads
         self.rope_theta, self.sequence_first = rope_theta, False
-        kw = dict(bias=bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, **kw)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, **kw)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, **kw)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, **kw)
+        kw = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(hidden_size, num_heads * self.head_dim, bias=qkv_bias, **kw)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias, **kw)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=qkv_bias, **kw)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=o_proj_bias, **kw)
 
 
 class ParallelAttention(_SelfAttention):
@@ -78,27 +83,28 @@ class ParallelAttention(_SelfAttention):
 
     x is [B, S, hidden], or with sequence_parallel=True, sequence-first [S / N, B, hidden] holding
     this rank's block of the sequence (and so is the output). positions ([S] or [B, S], default
-    0..S-1) are the rotary positions.
+    0..S-1) are the rotary positions. qkv_bias and o_proj_bias are as in Attention; the k and v
+    biases are split (and replicated) with their kv heads, the o_proj bias is replicated.
 
-    A replicated kv head's weight gradient on each rank covers that rank's query heads only: for
-    training, sum it over the ranks sharing the head, as for any replicated parameter.
+    A replicated kv head's weight and bias gradients on each rank cover that rank's query heads
+    only: for training, sum them over the ranks sharing the head, as for any replicated parameter.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
-                 rope_theta: float = 10000.0, bias: bool = False, sequence_parallel: bool = False, *,
-                 device=None, dtype=None) -> None:
+                 rope_theta: float = 10000.0, qkv_bias: bool = False, o_proj_bias: bool = False,
+                 sequence_parallel: bool = False, *, device=None, dtype=None) -> None:
         super().__init__()
         world = runtime.world_size()
         kv = kv_heads_of_rank(num_heads, num_kv_heads, runtime.rank(), world)
         self.heads, self.kv_heads = num_heads // world, len(kv)
         self.head_dim = head_dim or hidden_size // num_heads
         self.rope_theta, self.sequence_first = rope_theta, sequence_parallel
-        kw = dict(bias=bias, sequence_parallel=sequence_parallel, device=device, dtype=dtype)
-        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, **kw)
+        kw = dict(sequence_parallel=sequence_parallel, device=device, dtype=dtype)
+        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, qkv_bias, **kw)
         # out_features counts the replicas of kv heads, so that each rank's shard is its kv heads.
-        self.k_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, **kw)
-        self.v_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, **kw)
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, **kw)
+        self.k_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, qkv_bias, **kw)
+        self.v_proj = ColumnParallelLinear(hidden_size, world * self.kv_heads * self.head_dim, qkv_bias, **kw)
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, o_proj_bias, **kw)
 
     @classmethod
     def from_dense(cls, *, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear, o_proj: nn.Linear,
@@ -109,7 +115,8 @@ class ParallelAttention(_SelfAttention):
             raise ValueError(f"ParallelAttention: q_proj.out_features={q_proj.out_features} is not divisible by "
                              f"num_heads={num_heads}")
         module = cls(q_proj.in_features, num_heads, num_kv_heads, q_proj.out_features // num_heads, rope_theta,
-                     q_proj.bias is not None, sequence_parallel, device="meta", dtype=q_proj.weight.dtype)
+                     qkv_bias=q_proj.bias is not None, o_proj_bias=o_proj.bias is not None,
+                     sequence_parallel=sequence_parallel, device="meta", dtype=q_proj.weight.dtype)
         dense = {"q_proj": q_proj, "k_proj": k_proj, "v_proj": v_proj, "o_proj": o_proj}
         return load_shards(module, shard_modules("self_attn", dense, "full", num_heads=num_heads,
                                                  num_kv_heads=num_kv_heads))

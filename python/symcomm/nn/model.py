@@ -30,6 +30,13 @@ class LlamaConfig:
     num_kv_heads: int = 2
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    # Attention biases (see Attention): Qwen2 has qkv_bias only; Llama's attention_bias sets both.
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+
+
+def _attention_args(c: LlamaConfig) -> dict:
+    return dict(rope_theta=c.rope_theta, qkv_bias=c.qkv_bias, o_proj_bias=c.o_proj_bias)
 
 
 class _DecoderLayer(nn.Module):
@@ -46,7 +53,7 @@ class DecoderLayer(_DecoderLayer):
     def __init__(self, config: LlamaConfig, *, device=None, dtype=None) -> None:
         super().__init__()
         c, kw = config, dict(device=device, dtype=dtype)
-        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, rope_theta=c.rope_theta, **kw)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, **_attention_args(c), **kw)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **kw)
@@ -67,9 +74,9 @@ class ParallelDecoderLayer(_DecoderLayer):
         c, kw = config, dict(device=device, dtype=dtype)
         sp = dict(sequence_parallel=sequence_parallel, **kw)
         if plan == "full":
-            attention = ParallelAttention(c.hidden_size, c.num_heads, c.num_kv_heads, rope_theta=c.rope_theta, **sp)
+            attention = ParallelAttention(c.hidden_size, c.num_heads, c.num_kv_heads, **_attention_args(c), **sp)
         else:
-            attention = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, rope_theta=c.rope_theta, **kw)
+            attention = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, **_attention_args(c), **kw)
         self.self_attn = attention
         self.mlp = ParallelMLP(c.hidden_size, c.intermediate_size, **sp)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, **sp)
@@ -174,6 +181,8 @@ def random_state_dict(config: LlamaConfig, generator: torch.Generator,
             t = 1 + 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
         elif name.endswith("embed_tokens.weight"):
             t = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        elif name.endswith(".bias"):
+            t = 0.1 * torch.randn(p.shape, generator=generator, dtype=torch.float64)
         else:
             t = torch.randn(p.shape, generator=generator, dtype=torch.float64) / p.shape[1] ** 0.5
         out[name] = t.to(dtype)
