@@ -4,11 +4,11 @@
     python tests/run.py --gpu only      # just the GPU suites (several PEs share one GPU if needed)
     python tests/run.py --worlds 2 -k all_reduce
 
-Steps: single-process tests (`-m "not dist"`, the emulated kernels of `-m emu` among them), the
-emulated kernels again under ThreadSanitizer, then the `dist` tests under torchrun once per world
-size on the torch backend with CPU tensors (gloo), then, with a GPU, the same tests on the nvshmem
-backend. Each run has a time limit so a hang cannot eat the whole job; every rank's output is kept,
-and the log of any rank that failed is printed in full.
+Steps: plain `pytest tests/` on the CPU (everything as a world of one, the emulated kernels of
+`-m emu` among it), the emulated kernels again under ThreadSanitizer, then the `dist` tests under
+torchrun once per world size on the torch backend with CPU tensors (gloo), then, with a GPU, the
+GPU_SUITES on the nvshmem backend. Each run has a time limit so a hang cannot eat the whole job;
+every rank's output is kept, and the log of any rank that failed is printed in full.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
+# The files whose tests run on the nvshmem backend (--gpu): the GPU suites, and the contract tests of
+# the ops, layers and benchmarks, which hold on both backends. Never the host-side plan tests
+# (test_*_plan.py: their stand-ins read and write the workspace from the host, and on a GPU it is
+# device memory) nor the single-process CPU checks. tests/test_suites.py holds this list to the files.
+GPU_SUITES = ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "test_moe_gpu.py", "test_ops.py",
+              "test_moe.py", "test_nn.py", "test_model.py", "test_bench.py", "test_bench_gemm.py",
+              "test_bench_moe.py", "test_bench_tp_layer.py")
 
 
 @dataclass
@@ -95,15 +102,34 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
     return result
 
 
-def pytest_args(marker: str, junit: Path, extra: list[str], paths: tuple[Path, ...] = (TESTS,)) -> list[str]:
-    return ["-m", "pytest", *map(str, paths), "-m", marker, "-q", "-rfEs", f"--junitxml={junit}", *extra]
+def selection(gpu: bool, dist: bool) -> list[str]:
+    """The paths and marker of a step's pytest run: on the CPU, every file (a world of one: no marker);
+    on the GPU, the GPU_SUITES' single-process or `dist` tests."""
+    if not gpu:
+        return [str(TESTS)] + (["-m", "dist and not gpu"] if dist else [])
+    return [str(TESTS / f) for f in GPU_SUITES] + ["-m", "dist" if dist else "gpu and not dist"]
+
+
+def environment(gpu: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if gpu:
+        env["SYMCOMM_TEST_BACKEND"] = "nvshmem"
+    else:
+        env["SYMCOMM_TEST_BACKEND"] = "torch"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def pytest_args(selected: list[str], junit: Path, extra: list[str]) -> list[str]:
+    return ["-m", "pytest", *selected, "-q", "-rfEs", f"--junitxml={junit}", *extra]
 
 
 def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
-    name = "gpu single-process" if gpu else "single-process"
+    """On the CPU, plain `pytest tests/`: what the README promises runs everything as a world of one."""
+    name = "gpu single-process" if gpu else "world of one"
     junit = work / f"{name.replace(' ', '-')}.xml"
-    marker = "gpu and not dist" if gpu else "not dist and not gpu"
-    return run(name, [sys.executable, *pytest_args(marker, junit, extra)], dict(os.environ), [junit], None, timeout)
+    cmd = [sys.executable, *pytest_args(selection(gpu, dist=False), junit, extra)]
+    return run(name, cmd, environment(gpu), [junit], None, timeout)
 
 
 def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
@@ -119,8 +145,8 @@ def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
     # --noconftest: conftest.py imports torch, which the suites do not need; --capture=sys lets a
     # sanitizer report reach the log.
     cmd = [str(builder.tsan_python()),
-           *pytest_args("emu", junit, ["--noconftest", "--capture=sys", *extra],
-                       tuple(sorted(TESTS.glob("test_emu_*.py"))))]
+           *pytest_args([*map(str, sorted(TESTS.glob("test_emu_*.py"))), "-m", "emu"], junit,
+                        ["--noconftest", "--capture=sys", *extra])]
     return run("emu tsan", cmd, env, [junit], None, timeout)
 
 
@@ -128,21 +154,14 @@ def distributed(work: Path, world: int, gpu: bool, extra: list[str], timeout: fl
     kind = "gpu" if gpu else "cpu"
     out = work / f"{kind}-w{world}"
     out.mkdir()
-    env = dict(os.environ)
-    if gpu:
-        env["SYMCOMM_TEST_BACKEND"] = "nvshmem"
-        marker = "dist"
-        if "CUDA_MPS_PIPE_DIRECTORY" in env:
-            # Under MPS each PE gets an equal share of the SMs; shares summing to <= 100 are what
-            # lets NVSHMEM run in full MPG mode (kernels of different PEs run concurrently).
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
-    else:
-        env["SYMCOMM_TEST_BACKEND"] = "torch"
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        marker = "dist and not gpu"
+    env = environment(gpu)
+    if gpu and "CUDA_MPS_PIPE_DIRECTORY" in env:
+        # Under MPS each PE gets an equal share of the SMs; shares summing to <= 100 are what lets
+        # NVSHMEM run in full MPG mode (kernels of different PEs run concurrently).
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
     env.setdefault("SYMCOMM_TIMEOUT_S", "120")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--log-dir", str(out / "logs"),
-           "--redirects", "3", "--tee", "0:3", *pytest_args(marker, out / "rank{rank}.xml", extra)]
+           "--redirects", "3", "--tee", "0:3", *pytest_args(selection(gpu, dist=True), out / "rank{rank}.xml", extra)]
     junit = [out / f"rank{r}.xml" for r in range(world)]
     return run(f"{kind} world {world}", cmd, env, junit, out / "logs", timeout)
 
