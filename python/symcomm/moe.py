@@ -22,7 +22,7 @@ def _context(op: str, expert_buf: torch.Tensor, name: str):
         raise ValueError(f"{op}: a row of {name} ({expert_buf.shape[2]} x {expert_buf.element_size()} bytes) must "
                          "be a multiple of 16 bytes on the nvshmem backend")
     ws = runtime.workspace()
-    return runtime.load_extension(), ws.data_ptr(), torch.cuda.current_stream(ws.device).cuda_stream
+    return runtime.load_extension(), ws.data_ptr(), torch.cuda.current_stream(ws.device).cuda_stream if ws.is_cuda else 0
 
 
 def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
@@ -46,10 +46,13 @@ def pair_positions(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     ext, ws, stream = _context("moe_dispatch", expert_x, "expert_x")
     tokens, top_k = topk_ids.shape
-    ids = topk_ids.reshape(-1).long()
+    # The kernel reads the ids as contiguous int64 [T * k]: reshape alone may return a strided view.
+    ids = topk_ids.long().contiguous().view(-1)
     counts, positions = pair_positions(ids, num_experts)
     routing = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
     x = x.contiguous()
+    if x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
+        x = x.clone()
     capacity, hidden = expert_x.shape[1], expert_x.shape[2]
     ext.moe_dispatch(ws, x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
                      expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts, capacity, hidden,
