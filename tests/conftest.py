@@ -46,6 +46,26 @@ def world():
     symcomm.finalize()
 
 
+@pytest.fixture(autouse=True)
+def poisoned_allocations(request):
+    """In every test that uses `world`: a fresh torch.empty is filled with NaN (floats) or the largest
+    value (integers), on the GPU as on the CPU, so that an output element an op never writes shows.
+    This is PyTorch's fill_uninitialized_memory, which acts only with deterministic algorithms on
+    (warn_only: ops without a deterministic kernel still run)."""
+    if "world" not in request.fixturenames:
+        yield
+        return
+    device = request.getfixturevalue("world").device
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.empty(4, device=device).isnan().all(), "fresh tensors are not poisoned"
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
 @pytest.fixture
 def sym(world):
     """symcomm.empty for one test, freed (collectively) when it ends, also when it fails: every rank

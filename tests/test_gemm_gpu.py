@@ -1,6 +1,8 @@
-"""The fused GEMM ops on the GPU: both paths forced and 'auto', against a float64 reference, at
-Llama-3 tensor-parallel shard shapes and awkward M; long runs of back-to-back calls; CUDA-graph
-replay with the inputs mutated inside the graph; torch.compile.
+"""The fused GEMM ops on the GPU: both paths forced and 'auto', element by element against a float64
+reference (harness.assert_gemm_close, which also shows that zeros, a missing rank, a stale tile or a
+missing row would fail), at Llama-3 tensor-parallel shard shapes and awkward M, in bfloat16 and
+float16; long runs of back-to-back calls; CUDA-graph replay with the inputs mutated inside the graph;
+torch.compile. Outputs come from poisoned allocations (conftest.py).
 
 (The op contract tests in test_ops.py, opcheck included, also run here on the nvshmem backend.)
 """
@@ -8,7 +10,7 @@ replay with the inputs mutated inside the graph; torch.compile.
 import pytest
 import torch
 
-from harness import assert_close, gemm_ref, on_gpu, seed_of
+from harness import assert_close, assert_gemm_close, gemm_ref, on_gpu, seed_of
 from symcomm import gemm, runtime
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
@@ -17,6 +19,8 @@ ops = torch.ops.symcomm
 # (K, N) of the unsharded row-parallel layers: Llama-3 8B o_proj and down_proj, 70B o_proj.
 ROW_LAYERS = [(4096, 4096), (14336, 4096), (8192, 8192)]
 MS = [1, 7, 128, 1000, 4096]
+# bfloat16 at every layer, float16 at the first.
+DTYPE_LAYERS = [(torch.bfloat16, k, n) for k, n in ROW_LAYERS] + [(torch.float16, *ROW_LAYERS[0])]
 
 
 def row_parallel(world, gen, m, k, n, dtype, transposed):
@@ -45,24 +49,19 @@ def test_batched_gemm_core_against_matmul(world, gen, dtype, transposed):
         transposed, d.data_ptr(), n, (m + gap) * n, 0, gemm.DTYPE_CODES[dtype], False, False, False, runtime.sm_count(),
         torch.cuda.current_stream(world.device).cuda_stream)
     torch.cuda.synchronize(world.device)
-    ref = torch.matmul(a.double(), b.double())
-    assert_close(d[:, :m], ref, torch.matmul(a.double().abs(), b.double().abs()), dtype=dtype)
+    assert_close(d[:, :m], *gemm_ref([a], [b]), dtype=dtype)
     assert d[:, m:].isnan().all(), "the GEMM wrote between the batches"
 
 
 @pytest.mark.parametrize("path", ["fused", "unfused", "auto"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["kn", "weight.t()"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("k, n", ROW_LAYERS)
+@pytest.mark.parametrize("dtype, k, n", DTYPE_LAYERS)
 @pytest.mark.parametrize("m", MS)
-def test_gemm_all_reduce(world, gen, m, k, n, bias, transposed, path):
-    dtype = torch.bfloat16
+def test_gemm_all_reduce(world, gen, m, dtype, k, n, bias, transposed, path):
     a_all, b_all = row_parallel(world, gen, m, k, n, dtype, transposed)
     c = on_gpu(world, seed_of(gen), (n,), dtype)[0] if bias else None
-    ref, scale = gemm_ref(a_all, b_all)
-    if bias:
-        ref, scale = ref + c.double(), scale + c.double().abs()
-    assert_close(ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], c, path=path), ref, scale, dtype=dtype)
+    assert_gemm_close(ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], c, path=path), a_all, b_all, c)
 
 
 @pytest.mark.parametrize("path", ["fused", "unfused"])
@@ -71,8 +70,9 @@ def test_gemm_all_reduce(world, gen, m, k, n, bias, transposed, path):
 @pytest.mark.parametrize("m_per_rank", [1, 7, 128, 1000])
 def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype, path):
     a_all, b_all = row_parallel(world, gen, m_per_rank * world.world_size, k, n, dtype, True)
-    ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
-    assert_close(ops.gemm_reduce_scatter(a_all[world.rank], b_all[world.rank], path=path), ref, scale, dtype=dtype)
+    mine = slice(world.rank * m_per_rank, (world.rank + 1) * m_per_rank)
+    assert_gemm_close(ops.gemm_reduce_scatter(a_all[world.rank], b_all[world.rank], path=path), a_all, b_all,
+                      rows=mine)
 
 
 @pytest.mark.parametrize("path", ["fused", "unfused"])
@@ -82,8 +82,7 @@ def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype, path):
 def test_all_gather_gemm(world, gen, m_per_rank, k, n, dtype, path):
     a_all = on_gpu(world, seed_of(gen), (m_per_rank, k), dtype)
     w = on_gpu(world, seed_of(gen), (n // world.world_size, k), dtype)[world.rank]
-    ref, scale = gemm_ref([torch.cat(a_all)], [w.t()])
-    assert_close(ops.all_gather_gemm(a_all[world.rank], w.t(), path=path), ref, scale, dtype=dtype)
+    assert_gemm_close(ops.all_gather_gemm(a_all[world.rank], w.t(), path=path), a_all, [w.t()], gathered=True)
 
 
 def test_fused_refuses_float32_by_name(world):
@@ -97,9 +96,7 @@ def test_fused_refuses_float32_by_name(world):
 def test_products_larger_than_the_workspace_come_in_pieces(world, gen):
     # 8192 x 8192 partial sums of bf16 are 128 MiB, twice for all-reduce: more than the 64 MiB workspace.
     a_all, b_all = row_parallel(world, gen, 8192, 8192, 8192, torch.bfloat16, True)
-    ref, scale = gemm_ref(a_all, b_all)
-    out = ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], path="fused")
-    assert_close(out, ref, scale, dtype=torch.bfloat16)
+    assert_gemm_close(ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], path="fused"), a_all, b_all)
 
 
 def test_back_to_back_calls_never_read_stale_tiles(world, gen):
@@ -108,13 +105,13 @@ def test_back_to_back_calls_never_read_stale_tiles(world, gen):
         a_all, b_all = row_parallel(world, gen, m, 1024 * world.world_size, 1024, torch.bfloat16, i % 2 == 0)
         a, b = a_all[world.rank], b_all[world.rank]
         if i % 3 == 0:
-            assert_close(ops.gemm_all_reduce(a, b, path="fused"), *gemm_ref(a_all, b_all), dtype=torch.bfloat16)
+            assert_gemm_close(ops.gemm_all_reduce(a, b, path="fused"), a_all, b_all)
         elif i % 3 == 1:
-            ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
-            assert_close(ops.gemm_reduce_scatter(a, b, path="fused"), ref, scale, dtype=torch.bfloat16)
+            rows = m // world.world_size
+            assert_gemm_close(ops.gemm_reduce_scatter(a, b, path="fused"), a_all, b_all,
+                              rows=slice(world.rank * rows, (world.rank + 1) * rows))
         else:
-            assert_close(ops.all_gather_gemm(a, b, path="fused"), *gemm_ref([torch.cat(a_all)], [b]),
-                         dtype=torch.bfloat16)
+            assert_gemm_close(ops.all_gather_gemm(a, b, path="fused"), a_all, [b], gathered=True)
 
 
 def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
@@ -126,11 +123,13 @@ def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
     with torch.cuda.stream(stream):
         for path in ("fused", "unfused"):  # warm up outside the capture
             ops.gemm_all_reduce(a, w.t(), path=path)
+            ops.gemm_reduce_scatter(a, w.t(), path=path)
             ops.all_gather_gemm(a, w.t(), path=path)
     torch.cuda.current_stream(world.device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         reduced = ops.gemm_all_reduce(a, w.t(), path="fused")
+        scattered = ops.gemm_reduce_scatter(a, w.t(), path="fused")
         gathered = ops.all_gather_gemm(a, w.t(), path="fused")
         # Overwriting the inputs at once catches a kernel that returns before its peers are done.
         a.mul_(-1)
@@ -140,8 +139,10 @@ def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
         w.copy_(b_all[world.rank].t())
         graph.replay()
         torch.cuda.synchronize(world.device)
-        assert_close(reduced, *gemm_ref(a_all, b_all), dtype=torch.bfloat16)
-        assert_close(gathered, *gemm_ref([torch.cat(a_all)], [b_all[world.rank]]), dtype=torch.bfloat16)
+        assert_gemm_close(reduced, a_all, b_all)
+        rows = m // world.world_size
+        assert_gemm_close(scattered, a_all, b_all, rows=slice(world.rank * rows, (world.rank + 1) * rows))
+        assert_gemm_close(gathered, a_all, [b_all[world.rank]], gathered=True)
         assert torch.equal(a, -a_all[world.rank])
 
 

@@ -3,6 +3,7 @@
 Runs on the GPU (tests/run.py --gpu only), at 1, 2 and 4 PEs; several PEs may share one GPU.
 """
 
+import os
 import textwrap
 
 import pytest
@@ -23,9 +24,18 @@ def random_symmetric(world, gen, sym, shape, dtype=torch.float32):
 
 @pytest.mark.dist
 def test_mpg_status_and_symmetric_heap(world, sym):
-    status = runtime.mpg_status()
-    print(f"rank {world.rank}: NVSHMEM init status {status} ({ {3: 'limited MPG', 4: 'full MPG'}.get(status, 'one PE per GPU') })")
-    assert status >= 2
+    # NVSHMEM's init status: 2 initialised (one PE per GPU), 3 limited MPG, 4 full MPG.
+    status, pes = runtime.mpg_status(), runtime._get().pes_per_gpu
+    print(f"rank {world.rank}: NVSHMEM init status {status} ({ {3: 'limited MPG', 4: 'full MPG'}.get(status, 'one PE per GPU') }), "
+          f"{pes} PE(s) on this GPU")
+    if pes == 1:
+        assert status == 2, f"one PE on its GPU, but NVSHMEM init status {status}"
+    else:
+        assert status in (3, 4), f"{pes} PEs share the GPU, but NVSHMEM is not in an MPG mode (init status {status})"
+        share = os.environ.get(runtime.MPS_PERCENTAGE)
+        if share is not None and float(share) * pes <= 100:
+            # MPS shares that add up to the GPU are what full MPG mode needs.
+            assert status == 4, f"{pes} PEs under MPS at {share}% each, but NVSHMEM init status {status}, not 4 (full MPG)"
     t = sym((1000,), torch.float32)
     assert t.is_cuda and t.device == world.device and symcomm.is_symmetric(t)
 
