@@ -56,7 +56,7 @@ def test_batched_gemm_core_against_matmul(world, gen, dtype, transposed):
 @pytest.mark.parametrize("path", ["fused", "unfused", "auto"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["kn", "weight.t()"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("dtype, k, n", DTYPE_LAYERS)
+@pytest.mark.parametrize("dtype, k, n", DTYPE_LAYERS, ids=[f"{str(d)[6:]}-{k}-{n}" for d, k, n in DTYPE_LAYERS])
 @pytest.mark.parametrize("m", MS)
 def test_gemm_all_reduce(world, gen, m, dtype, k, n, bias, transposed, path):
     a_all, b_all = row_parallel(world, gen, m, k, n, dtype, transposed)

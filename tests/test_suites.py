@@ -26,19 +26,31 @@ HOST_ONLY = {
 }
 
 
+def collect(args: list[str], env: dict[str, str]) -> list[str]:
+    """The ids of the tests pytest would run with these arguments (a file, a marker, a -k)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 5), out.stdout[-3000:] + out.stderr[-3000:]
+    return [line for line in out.stdout.splitlines() if "::" in line]
+
+
 def collected(gpu: bool, dist: bool, world: int) -> set[str]:
     """The files of the tests a step would run, as pytest collects them for one of its ranks."""
     env = {**run.environment(gpu), "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
-    out = subprocess.run([sys.executable, "-m", "pytest", *run.selection(gpu, dist), "--collect-only", "-q",
-                          "-p", "no:cacheprovider"], cwd=TESTS.parent, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return {line.split("::", 1)[0].rsplit("/", 1)[-1] for line in out.stdout.splitlines() if "::" in line}
+    return {test.split("::", 1)[0].rsplit("/", 1)[-1] for test in collect(run.selection(gpu, dist), env)}
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_the_gpu_runs_collect_every_gpu_suite_and_no_host_only_test(world):
-    files = collected(gpu=True, dist=True, world=world)
+def load_gpu_run():
+    spec = importlib.util.spec_from_file_location("gpu_run", TESTS.parent / "bench" / "gpu_run.py")
+    gpu_run = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_run"] = gpu_run  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_run)
+    return gpu_run
+
+
+@pytest.mark.parametrize("pes", [1, 2, 4])
+def test_the_gpu_runs_collect_every_gpu_suite_and_no_host_only_test(pes):
+    files = collected(gpu=True, dist=True, world=pes)
     assert not files & HOST_ONLY.keys(), f"host-only tests on the GPU: {sorted(files & HOST_ONLY.keys())}"
     assert files == set(run.GPU_SUITES), f"GPU suites with no dist test collected: {sorted(set(run.GPU_SUITES) - files)}"
 
@@ -60,11 +72,18 @@ def test_every_test_file_is_either_a_gpu_suite_or_host_only_or_cpu_only():
                                                "GPU_SUITES, or in HOST_ONLY here with the reason")
 
 
-def test_gpu_run_runs_only_gpu_suites():
-    spec = importlib.util.spec_from_file_location("gpu_run", TESTS.parent / "bench" / "gpu_run.py")
-    gpu_run = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_run"] = gpu_run  # dataclasses look their module up there
-    spec.loader.exec_module(gpu_run)
-    named = {os.path.basename(a) for call in (1, 2) for step in gpu_run.plan(call) if isinstance(step.command, list)
-             for a in step.command if a.startswith("tests/")}
+def test_gpu_run_runs_only_gpu_suites_and_each_selection_selects_tests():
+    gpu_run = load_gpu_run()
+    steps = {step.name: step.command for call in (1, 2) for step in gpu_run.plan(call)
+             if isinstance(step.command, list) and "pytest" in step.command}
+    named = {os.path.basename(a) for argv in steps.values() for a in argv if a.startswith("tests/")}
     assert named and named <= set(run.GPU_SUITES), sorted(named - set(run.GPU_SUITES))
+    env = run.environment(gpu=True)
+    for name, argv in steps.items():
+        # The step's files, marker and -k, without torchrun or the report options.
+        start = argv.index("pytest") + 1
+        chosen = [a for a in argv[start:] if a.startswith("tests/")]
+        for flag in ("-m", "-k"):
+            if flag in argv[start:]:
+                chosen += [flag, argv[argv.index(flag, start) + 1]]
+        assert collect(chosen, env), f"gpu_run step {name!r} selects no test: {chosen}"
