@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import symcomm
 from harness import assert_close, every_rank, gemm_ref, sum_ref
 
 pytestmark = pytest.mark.dist
@@ -99,10 +101,154 @@ def test_back_to_back_calls_never_see_stale_data(world, gen):
         exact(ops.all_gather(x, 0), torch.cat(xs))
 
 
-def test_non_contiguous_inputs_are_copied(world, gen):
-    xs, x = inputs(world, gen, (6, 4 * world.world_size), torch.float32)
-    assert_close(ops.all_reduce(x.t()), *(t.t() for t in sum_ref(xs)), dtype=torch.float32)
-    exact(ops.all_gather(x.t(), 1), torch.cat([t.t() for t in xs], 1))
+# One call of each op: case(world, gen, sym, size) -> (every rank's arguments, check of this rank's
+# result against a reference from every rank's arguments). `size` is part of what every op's ranks
+# must agree on (the columns of the output; top-k for the MoE ops) and shapes no symmetric buffer, so
+# that ranks may pass different sizes without allocating different symmetric buffers.
+F32 = torch.float32
+MOE_EXPERTS, MOE_HIDDEN, MOE_MAX_TOKENS = 8, 16, 4  # rows of 16 bf16 are the 32 bytes the kernels need
+
+
+def all_reduce_case(world, gen, sym, size):
+    xs = every_rank(gen, world.world_size, (4, size), F32, world.device)
+    return [(x,) for x in xs], lambda out: assert_close(out, *sum_ref(xs), dtype=F32)
+
+
+def all_gather_case(world, gen, sym, size):
+    xs = every_rank(gen, world.world_size, (4, size), F32, world.device)
+    return [(x, 1) for x in xs], lambda out: exact(out, torch.cat(xs, 1))
+
+
+def reduce_scatter_case(world, gen, sym, size):
+    xs = every_rank(gen, world.world_size, (2 * world.world_size, size), F32, world.device)
+    ref, scale = (t.chunk(world.world_size)[world.rank] for t in sum_ref(xs))
+    return [(x, 0) for x in xs], lambda out: assert_close(out, ref, scale, dtype=F32)
+
+
+def all_to_all_case(world, gen, sym, size):
+    xs = every_rank(gen, world.world_size, (2 * world.world_size, size), F32, world.device)
+    ref = torch.cat([t.chunk(world.world_size)[world.rank] for t in xs])
+    return [(x,) for x in xs], lambda out: exact(out, ref)
+
+
+def gemm_all_reduce_case(world, gen, sym, size):
+    a_all = every_rank(gen, world.world_size, (4, 6), F32, world.device)
+    b_all = every_rank(gen, world.world_size, (6, size), F32, world.device)
+    bias = every_rank(gen, 1, (size,), F32, world.device)[0]
+    ref, scale = gemm_ref(a_all, b_all)
+    ref, scale = ref + bias.double(), scale + bias.double().abs()
+    return [(a, b, bias) for a, b in zip(a_all, b_all)], lambda out: assert_close(out, ref, scale, dtype=F32)
+
+
+def gemm_reduce_scatter_case(world, gen, sym, size):
+    a_all = every_rank(gen, world.world_size, (2 * world.world_size, 6), F32, world.device)
+    b_all = every_rank(gen, world.world_size, (6, size), F32, world.device)
+    ref, scale = (t.chunk(world.world_size)[world.rank] for t in gemm_ref(a_all, b_all))
+    return list(zip(a_all, b_all)), lambda out: assert_close(out, ref, scale, dtype=F32)
+
+
+def all_gather_gemm_case(world, gen, sym, size):
+    a_all = every_rank(gen, world.world_size, (4, 6), F32, world.device)
+    b_all = every_rank(gen, world.world_size, (6, size), F32, world.device)
+    ref, scale = gemm_ref([torch.cat(a_all)], [b_all[world.rank]])
+    return list(zip(a_all, b_all)), lambda out: assert_close(out, ref, scale, dtype=F32)
+
+
+def moe_dtype(world):
+    # The nvshmem backend combines 16-bit rows only (symcomm/moe.py); float32 is exact on the torch one.
+    return F32 if world.backend == "torch" else torch.bfloat16
+
+
+def moe_buffer(world, sym, dtype):
+    """[E_local, capacity, H], NaN so that a row left unwritten shows. With distinct experts per token an
+    expert receives one row per token at most: capacity = world * MOE_MAX_TOKENS never overflows."""
+    shape = (MOE_EXPERTS // world.world_size, world.world_size * MOE_MAX_TOKENS, MOE_HIDDEN)
+    return sym(shape, dtype).fill_(float("nan"))
+
+
+def moe_dispatch_case(world, gen, sym, size, tokens=None):
+    """tokens[r]: rank r's token count (default 3 on every rank); size: top-k."""
+    dtype, tokens = moe_dtype(world), tokens or [3] * world.world_size
+    xs = [torch.randn(t, MOE_HIDDEN, generator=gen).to(dtype).to(world.device) for t in tokens]
+    ids = [torch.rand(t, MOE_EXPERTS, generator=gen).argsort(1)[:, :size].to(world.device) for t in tokens]
+    expert_x = moe_buffer(world, sym, dtype)
+    local, capacity = expert_x.shape[:2]
+    expert_counts = sym((local,), torch.int32).fill_(-1)
+    # docs/moe.md: an expert's slots are filled in (source rank, token, j) order.
+    rows, routing = [[] for _ in range(MOE_EXPERTS)], []
+    for x, rank_ids in zip(xs, ids):
+        routing.append(torch.empty(rank_ids.shape, dtype=torch.int64))
+        for t, row in enumerate(rank_ids.tolist()):
+            for j, e in enumerate(row):
+                routing[-1][t, j] = e * capacity + len(rows[e])
+                rows[e].append(x[t])
+    mine = rows[world.rank * local:(world.rank + 1) * local]
+
+    def check(out):
+        assert torch.equal(out.cpu(), routing[world.rank])
+        assert expert_counts.tolist() == [len(r) for r in mine]
+        for e, r in enumerate(mine):
+            assert torch.equal(expert_x[e, :len(r)], torch.stack(r) if r else expert_x[e, :0])
+
+    return [(x, i, MOE_EXPERTS, expert_x, expert_counts) for x, i in zip(xs, ids)], check
+
+
+def moe_combine_case(world, gen, sym, size, tokens=None):
+    """tokens[r]: rank r's token count (default 3 on every rank); size: top-k."""
+    dtype, tokens = moe_dtype(world), tokens or [3] * world.world_size
+    expert_y = moe_buffer(world, sym, dtype)
+    ys = every_rank(gen, world.world_size, expert_y.shape, dtype, world.device)
+    expert_y.copy_(ys[world.rank])
+    slots = torch.cat(ys).double().flatten(0, 1)  # [E * capacity, H], in global slot order
+    routing = [torch.randint(0, slots.shape[0], (t, size), generator=gen) for t in tokens]
+    weights = [torch.rand(t, size, generator=gen) for t in tokens]
+    picked, w = slots[routing[world.rank]], weights[world.rank].double().unsqueeze(-1)
+    # Roundings: per pair a product and a sum, then y's dtype.
+    ref, scale = (w * picked).sum(1), (2 * size + 1) * (w * picked.abs()).sum(1)
+    args = [(expert_y, weight.to(world.device), route.to(world.device)) for weight, route in zip(weights, routing)]
+    return args, lambda out: assert_close(out, ref, scale, dtype=dtype)
+
+
+CASES = {case.__name__.removesuffix("_case"): case for case in (
+    all_reduce_case, all_gather_case, reduce_scatter_case, all_to_all_case, gemm_all_reduce_case,
+    gemm_reduce_scatter_case, all_gather_gemm_case, moe_dispatch_case, moe_combine_case)}
+MOE_OPS = ("moe_dispatch", "moe_combine")
+
+
+def strided(t):
+    """t's values in a non-contiguous tensor: every other element of a buffer whose gaps are poison (NaN,
+    or -1 for integers), so that reading the storage as if it were contiguous gives wrong values."""
+    buffer = torch.empty((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype, device=t.device)
+    view = buffer.fill_(float("nan") if t.is_floating_point() else -1)[..., ::2].copy_(t)
+    assert not view.is_contiguous()
+    return view
+
+
+def on_every_rank(text):
+    """text from every rank."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, text)
+    return everyone
+
+
+def test_every_op_has_a_case():
+    assert set(CASES) == {op.name for op in symcomm.ops.OPS}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_non_contiguous_inputs_are_copied(world, gen, sym, name):
+    args, check = CASES[name](world, gen, sym, 3)
+    # All tensors but the MoE ops' caller-owned buffers (made by symcomm.empty), which must be contiguous.
+    mine = [strided(a) if isinstance(a, torch.Tensor) and not symcomm.is_symmetric(a) else a for a in args[world.rank]]
+    check(getattr(ops, name)(*mine))
+
+
+@pytest.mark.parametrize("name, at, buffer", [("moe_dispatch", 3, "expert_x"), ("moe_combine", 0, "expert_y")])
+def test_non_contiguous_moe_buffers_raise(world, gen, sym, name, at, buffer):
+    args = list(CASES[name](world, gen, sym, 3)[0][world.rank])
+    args[at] = strided(args[at])
+    with pytest.raises(ValueError, match=f"{name}: {buffer} must be contiguous"):
+        getattr(ops, name)(*args)
 
 
 def op_cases(world, gen):
@@ -170,19 +316,36 @@ def test_sizes_not_divisible_by_world(world, gen):
         ops.gemm_reduce_scatter(x, x.t())
 
 
-def test_debug_mode_one_bad_rank_raises_everywhere(world, gen, monkeypatch):
+@pytest.mark.parametrize("name", CASES)
+def test_debug_mode_one_bad_rank_raises_everywhere(world, gen, sym, monkeypatch, name):
     monkeypatch.setenv("SYMCOMM_DEBUG", "1")
-    x = torch.randn(4, generator=gen).to(world.device)
+    args = list(CASES[name](world, gen, sym, 3)[0][world.rank])
     bad_rank = world.world_size - 1
-    arg = x.int() if world.rank == bad_rank else x
-    with pytest.raises(TypeError if world.rank == bad_rank else ValueError, match=rf"rank {bad_rank}: TypeError"):
-        ops.all_reduce(arg)
+    if world.rank == bad_rank:
+        args[0] = args[0].to(torch.complex64)  # a dtype that no op takes
+    # The bad rank raises its own error's type, the others ValueError; the message is the same everywhere.
+    with pytest.raises(TypeError if world.rank == bad_rank else ValueError,
+                       match=rf"{name}: invalid call on some ranks; rank {bad_rank}: TypeError") as error:
+        getattr(ops, name)(*args)
+    assert on_every_rank(str(error.value)) == [str(error.value)] * world.world_size
 
 
-def test_debug_mode_mismatched_shapes_raise_everywhere(world, gen, monkeypatch):
+@pytest.mark.parametrize("name", CASES)
+def test_debug_mode_mismatched_shapes_raise_everywhere(world, gen, sym, monkeypatch, name):
     if world.world_size == 1:
         pytest.skip("a world of one cannot disagree with itself")
     monkeypatch.setenv("SYMCOMM_DEBUG", "1")
-    x = torch.randn(4 + world.rank, generator=gen).to(world.device)
-    with pytest.raises(ValueError, match="ranks called with different arguments"):
-        ops.all_reduce(x)
+    args = CASES[name](world, gen, sym, 2 + world.rank)[0][world.rank]
+    with pytest.raises(ValueError, match=rf"{name}: ranks called with different arguments") as error:
+        getattr(ops, name)(*args)
+    assert on_every_rank(str(error.value)) == [str(error.value)] * world.world_size
+
+
+@pytest.mark.parametrize("name", MOE_OPS)
+def test_debug_mode_allows_moe_token_counts_to_differ(world, gen, sym, monkeypatch, name):
+    if world.world_size == 1:
+        pytest.skip("a world of one cannot disagree with itself")
+    monkeypatch.setenv("SYMCOMM_DEBUG", "1")
+    # docs/moe.md: each rank routes its own T tokens, and T may differ across ranks (and be 0).
+    args, check = CASES[name](world, gen, sym, 2, tokens=list(range(world.world_size)))
+    check(getattr(ops, name)(*args[world.rank]))

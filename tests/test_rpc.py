@@ -1,4 +1,7 @@
-"""The single-driver RPC runner (symcomm.demo.rpc): single-process tests that spawn their own ranks."""
+"""The single-driver RPC runner (symcomm.demo.rpc): single-process tests that spawn their own ranks.
+
+The driver (this process) may have a symcomm world of its own, e.g. the session's `world` when other
+test files ran first: the runner must work either way and leave it alone."""
 
 import gc
 import os
@@ -60,16 +63,22 @@ def gone(pid):
     return False
 
 
+def driver_state():
+    """What the runner must not change in the driver: its symcomm and torch.distributed worlds, and
+    its threads (the workers share the cores, not the driver)."""
+    return symcomm.is_initialized(), dist.group.WORLD, torch.get_num_threads()
+
+
 @pytest.fixture
 def no_leaks():
-    """Fails the test if it leaves shared-memory segments or a process group behind."""
-    before = shm_names()
+    """Fails the test if it leaves shared-memory segments behind or changes the driver's state."""
+    before, state = shm_names(), driver_state()
     yield
     # Exceptions kept by pytest.raises hold frames in reference cycles, and frames can hold the
     # runner's events, whose named semaphores live in /dev/shm until the events are collected.
     gc.collect()
     assert shm_names() - before == set()
-    assert not symcomm.is_initialized() and not dist.is_initialized()
+    assert driver_state() == state
 
 
 def test_calls_results_and_clean_shutdown(no_leaks):
@@ -77,12 +86,12 @@ def test_calls_results_and_clean_shutdown(no_leaks):
         infos = runner.call("info", extra=1)
         assert [(r, w, s) for r, w, _, s in infos] == [(0, 3, 11), (1, 3, 11), (2, 3, 11)]
         pids = [pid for _, _, pid, _ in infos]
-        assert pids[0] == os.getpid() and len(set(pids)) == 3
+        assert os.getpid() not in pids and len(set(pids)) == 3
         x = torch.randn(5, dtype=torch.float64)
         for out in runner.call("all_reduce", x):
             torch.testing.assert_close(out, 6 * x)
         names = runner.segment_names
-        assert len(names) == 3
+        assert len(names) == 4  # the request and one reply per rank
         if SHM.is_dir():
             assert all(stat.S_IMODE(os.stat(SHM / n).st_mode) == 0o600 for n in names)
         with pytest.raises(ValueError, match="does not fit the 65536-byte shared-memory buffer"):
@@ -91,8 +100,8 @@ def test_calls_results_and_clean_shutdown(no_leaks):
             runner.call("big", 1 << 16)
         assert runner.call("fail_on", -1) == [0, 1, 2]
         workers = runner._workers
-    assert [w.exitcode for w in workers] == [0, 0]
-    assert all(gone(pid) for pid in pids[1:])
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert all(gone(pid) for pid in pids)
     assert not any((SHM / n).exists() for n in names)
 
 
@@ -115,13 +124,25 @@ def test_start_failure_is_reported(no_leaks):
         RpcRunner(2, Probe)  # Probe needs a scale
 
 
+def test_driver_with_its_own_world(world, monkeypatch, no_leaks):
+    # A user's driver that runs symcomm itself, started as torchrun starts one: the workers must not
+    # take the driver's environment for theirs, and the driver's world must outlive the runner.
+    for name, value in {"RANK": world.rank, "WORLD_SIZE": world.world_size, "LOCAL_RANK": world.rank,
+                        "LOCAL_WORLD_SIZE": world.world_size}.items():
+        monkeypatch.setenv(name, str(value))
+    with RpcRunner(2, Probe, 0) as runner:
+        assert [(r, w) for r, w, *_ in runner.call("info")] == [(0, 2), (1, 2)]
+    torch.testing.assert_close(torch.ops.symcomm.all_reduce(torch.ones(4)), torch.full((4,), float(world.world_size)))
+
+
 DRIVER = textwrap.dedent("""
     import sys
     from test_rpc import Probe
     from symcomm.demo.rpc import RpcRunner
     with RpcRunner(2, Probe, 0) as runner:
-        pid = runner.call("info")[1][2]
-        print(pid, *runner.segment_names, flush=True)
+        pids = [pid for _, _, pid, _ in runner.call("info")]
+        print(*pids, flush=True)
+        print(*runner.segment_names, flush=True)
         runner.call("sleep", 60)
 """)
 
@@ -131,11 +152,11 @@ def test_ctrl_c_stops_everything(no_leaks):
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=Path(__file__).parent, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        worker_pid, *names = driver.stdout.readline().split()
+        pids, names = driver.stdout.readline().split(), driver.stdout.readline().split()
         driver.send_signal(signal.SIGINT)
         _, err = driver.communicate(timeout=30)
     finally:
         driver.kill()
     assert driver.returncode != 0 and "KeyboardInterrupt" in err
-    assert gone(int(worker_pid))
+    assert pids and all(gone(int(pid)) for pid in pids)
     assert names and not any((SHM / n).exists() for n in names)

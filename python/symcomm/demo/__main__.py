@@ -1,7 +1,7 @@
 """A small Llama-style model with fixed-seed random weights, at TP=1 (dense) and TP=N, on CPU.
 
     torchrun --nproc-per-node 2 -m symcomm.demo   # one process per rank
-    python -m symcomm.demo --tp 2                 # single driver: spawns ranks 1..N-1 and drives them
+    python -m symcomm.demo --tp 2                 # single driver: spawns ranks 0..N-1 and drives them
 
 Runs a forward pass and a few greedy decode steps with both and prints the largest logit
 difference, the Pearson correlation of the logits, and tokens per second. Exits with status 1 if

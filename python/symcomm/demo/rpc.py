@@ -1,12 +1,13 @@
 """Single-driver mode: one Python process drives an N-rank symcomm world without torchrun.
 
-The driver is rank 0. It spawns ranks 1..N-1, and every process starts torch.distributed (gloo,
-rendezvous at 127.0.0.1 on a port the driver picked) and symcomm on the torch backend, then builds
-its own copy of a target object. runner.call(method, ...) pickles the method name and arguments
-into a shared-memory request buffer, wakes each worker through its own event, runs the method on
-rank 0 itself, and collects every worker's pickled result (or exception and traceback) from that
-worker's reply buffer, signalled by a second event. Nobody spins: all waits block on events, with
-a timeout only to notice a dead peer.
+The driver spawns ranks 0..N-1, and every worker starts torch.distributed (gloo, rendezvous at
+127.0.0.1 on a port the driver picked) and symcomm on the torch backend, then builds its own copy of
+a target object. The driver itself is no rank: whatever torch.distributed or symcomm state it has
+of its own (the user's own init, or torchrun's environment) neither disturbs the runner's world nor
+is touched by it. runner.call(method, ...) pickles the method name and arguments into a
+shared-memory request buffer, wakes each worker through its own event, and collects every worker's
+pickled result (or exception and traceback) from that worker's reply buffer, signalled by a second
+event. Nobody spins: all waits block on events, with a timeout only to notice a dead worker.
 
     with RpcRunner(2, MyTarget, arg) as runner:
         results = runner.call("step", x)   # [rank 0's result, rank 1's result]
@@ -35,6 +36,9 @@ import symcomm
 _HEADER = struct.Struct("Q")  # payload length, then the pickled payload
 _POLL_S = 0.5  # how often a blocked wait checks that its peer is still alive
 _SHUTDOWN = None  # the method name that stops a worker
+# torchrun's variables, which symcomm.init reads: a worker inherits the driver's, which describe the
+# driver's world (it may run under torchrun), not the runner's.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 class RemoteError(RuntimeError):
@@ -72,7 +76,8 @@ def _start_rank(rank: int, world_size: int, port: int, timeout_s: float, factory
                 kwargs: dict) -> Any:
     # As torchrun does: N processes on this machine share its cores.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    # An explicit rendezvous rather than environment variables, which would outlive the runner in the driver.
+    for name in _LAUNCHER_ENV:
+        os.environ.pop(name, None)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     symcomm.init(backend="torch", timeout_s=timeout_s)
@@ -106,7 +111,8 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, factory: Ca
     try:
         outcome = _attempt(rank, _start_rank, rank, world_size, port, timeout_s, factory, args, kwargs)
         target = outcome[1] if outcome[0] == "ok" else None
-        _answer(rank, reply, done, outcome)
+        # The target stays here (it need not even pickle); the driver only learns that the start worked.
+        _answer(rank, reply, done, outcome if outcome[0] == "error" else ("ok", None))
         while True:
             while not wake.wait(_POLL_S):
                 if not parent.is_alive():
@@ -123,45 +129,38 @@ def _worker(rank: int, world_size: int, port: int, timeout_s: float, factory: Ca
 
 
 class RpcRunner:
-    """Runs factory(*args, **kwargs) on each of world_size ranks (rank 0 in this process, the others
-    in spawned workers) and calls its methods on every rank at once.
+    """Runs factory(*args, **kwargs) on each of world_size ranks, one spawned worker each, and calls
+    its methods on every rank at once.
 
     buffer_bytes bounds one pickled request or result; timeout_s is the process group's timeout.
     Use as a context manager, or call close(): it stops the workers (terminating them if a call was
-    interrupted), shuts symcomm and torch.distributed down here, and unlinks the shared memory.
+    interrupted) and unlinks the shared memory.
     """
 
     def __init__(self, world_size: int, factory: Callable, *args, buffer_bytes: int = 16 << 20,
                  timeout_s: float = 60.0, **kwargs) -> None:
         if world_size < 1:
             raise ValueError(f"RpcRunner: world_size must be >= 1, got {world_size}")
-        if symcomm.is_initialized() or dist.is_initialized():
-            raise RuntimeError("RpcRunner: this process already runs symcomm or torch.distributed; the runner's "
-                               "rank 0 needs a world of its own")
         ctx = multiprocessing.get_context("spawn")
         self.world_size = world_size
         self._segments: list[SharedMemory] = []
         self._workers: list = []
         self._in_call = False
         self._closed = False
-        self._threads = torch.get_num_threads()
-        self.target = None
         try:
             port = free_port()
             self._request = self._segment(buffer_bytes)
-            self._replies = [self._segment(buffer_bytes) for _ in range(world_size - 1)]
-            self._wake = [ctx.Event() for _ in range(world_size - 1)]
-            self._done = [ctx.Event() for _ in range(world_size - 1)]
-            for rank in range(1, world_size):
+            self._replies = [self._segment(buffer_bytes) for _ in range(world_size)]
+            self._wake = [ctx.Event() for _ in range(world_size)]
+            self._done = [ctx.Event() for _ in range(world_size)]
+            for rank in range(world_size):
                 worker = ctx.Process(target=_worker, name=f"symcomm-rank{rank}", daemon=True,
                                      args=(rank, world_size, port, timeout_s, factory, args, kwargs, self._request.name,
-                                           self._replies[rank - 1].name, self._wake[rank - 1], self._done[rank - 1]))
+                                           self._replies[rank].name, self._wake[rank], self._done[rank]))
                 worker.start()
                 self._workers.append(worker)
             self._in_call = True
-            # Rank 0 joins the rendezvous while the workers do.
-            local = _attempt(0, _start_rank, 0, world_size, port, timeout_s, factory, args, kwargs)
-            self.target = self._gather("start", local)[0]
+            self._gather("start")
         except BaseException:
             self.close()
             raise
@@ -187,13 +186,12 @@ class RpcRunner:
         self._in_call = True
         for wake in self._wake:
             wake.set()
-        local = _attempt(0, _call, self.target, method, args, kwargs)
-        return self._gather(method, local)
+        return self._gather(method)
 
-    def _gather(self, method: str, local: tuple) -> list:
-        outcomes = [local]
-        for rank, worker in enumerate(self._workers, start=1):
-            done, reply = self._done[rank - 1], self._replies[rank - 1]
+    def _gather(self, method: str) -> list:
+        outcomes = []
+        for rank, worker in enumerate(self._workers):
+            done, reply = self._done[rank], self._replies[rank]
             while not done.wait(_POLL_S):
                 if not worker.is_alive() and not done.is_set():
                     raise RemoteError(f"rank {rank} exited with code {worker.exitcode} during {method!r}")
@@ -226,8 +224,6 @@ class RpcRunner:
                     worker.kill()
                     worker.join()
         finally:
-            _stop_rank()
-            torch.set_num_threads(self._threads)
             for shm in self._segments:
                 shm.close()
                 shm.unlink()
