@@ -105,6 +105,24 @@ MUTATIONS = {
     "a misaligned symmetric input read in place": (
         "python/symcomm/collectives.py", "if runtime.is_symmetric(rows) and rows.data_ptr() % 16 == 0:",
         "if runtime.is_symmetric(rows):", "test_collectives_plan.py"),
+    "MoE dispatch passes the counts for the positions": (
+        "python/symcomm/moe.py", "positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr()",
+        "counts.data_ptr(), positions.data_ptr(), expert_x.data_ptr()", "test_moe_plan.py"),
+    "MoE grid sized from this rank's tokens": (
+        "python/symcomm/moe.py", "_grid_bytes(capacity, hidden * x.element_size(), top_k)",
+        "tokens * top_k * hidden * x.element_size()", "test_moe_plan.py"),
+    "MoE combine told only the local experts": (
+        "python/symcomm/moe.py", "local * runtime.world_size(), capacity, hidden", "local, capacity, hidden",
+        "test_moe_plan.py"),
+    "MoE ids flattened as a view": (
+        "python/symcomm/moe.py", "ids = topk_ids.long().contiguous().view(-1)", "ids = topk_ids.reshape(-1).long()",
+        "test_moe_plan.py"),
+    "o_proj takes q_proj's bias flag": (
+        "python/symcomm/nn/attention.py", "RowParallelLinear(num_heads * self.head_dim, hidden_size, o_proj_bias,",
+        "RowParallelLinear(num_heads * self.head_dim, hidden_size, qkv_bias,", "test_nn.py -k attention"),
+    "a weight shard that is a view of the full weight": (
+        "python/symcomm/nn/sharding.py", "return t.narrow(dim, rank * size, size).clone()",
+        "return t.narrow(dim, rank * size, size)", "test_model.py -k copies"),
 }
 
 
