@@ -1,8 +1,9 @@
 """Helpers for the emulated-kernel suites (tests/test_emu_*.py, marker `emu`): the real kernels and
-their C++ host entry points, built for the CPU by csrc/emu/build.py, with several PEs in this process.
+their C++ host entry points, built for the CPU by csrc/emu/build.py, with several PEs in this process (or
+one PE per process: world(pe=..., job=...)).
 
 Only numpy is imported here, so that these suites also run under ThreadSanitizer (SYMCOMM_EMU_VARIANT=tsan,
-with libtsan preloaded: tests/run.py does both).
+in the interpreter linked with libtsan: tests/run.py does both).
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ class World:
     def on_pe(self, pe: int) -> None:
         self.ext.emu.set_pe(pe)
 
+    def local_pes(self) -> list[int]:
+        """The PEs this process hosts: all of them, or one after emu.start_process."""
+        pe = self.ext.emu.local_pe()
+        return list(range(self.npes)) if pe < 0 else [pe]
+
     def synchronize(self) -> dict[int, str]:
-        """Waits for every PE's streams; {pe: error} for the PEs that failed."""
+        """Waits for the streams of every PE of this process; {pe: error} for the PEs that failed."""
         errors = {}
-        for pe in range(self.npes):
+        for pe in self.local_pes():
             self.on_pe(pe)
             try:
                 self.ext.emu.synchronize()
@@ -153,25 +159,36 @@ class World:
 @contextlib.contextmanager
 def world(npes: int, *, blocks: int = 4, heap_bytes: int = 8 << 20, workspace_bytes: int = 4 << 20,
           threads: int = 0, chaos_seed: int = 0, chaos_rate: float = 0.0, gemm_order: int = 1,
-          timeout_s: float = TIMEOUT_S, load_kernels: bool = True):
+          timeout_s: float = TIMEOUT_S, load_kernels: bool = True, pe: int | None = None, job: str = "",
+          start_timeout_s: float = 60.0):
     """Starts the emulated device in the order runtime.init uses on a GPU: device state, every kernel
     loaded on every PE (the emulation refuses to launch one that is not), the workspace's barrier state
-    zeroed, the block cap; stops it afterwards, also after a failure."""
+    zeroed, the block cap; stops it afterwards, also after a failure.
+
+    With `pe`, this process hosts PE `pe` only, and the others are processes that call this with the
+    same `job` (emu.start_process, which waits up to start_timeout_s for them)."""
     e = ext()
     if TSAN and threads == 0:
         threads = 32  # ThreadSanitizer's per-thread cost: fewer threads per block (loops use blockDim)
     e.emu.configure(threads=threads, chaos_seed=chaos_seed, chaos_rate=chaos_rate, gemm_order=gemm_order)
-    e.emu.start(npes, heap_bytes)
+    if pe is None:
+        e.emu.start(npes, heap_bytes)
+    else:
+        e.emu.start_process(pe, npes, heap_bytes, job, start_timeout_s)
     try:
         e.init_device_state(timeout_s)
         try:
-            if load_kernels:
-                for pe in range(npes):
-                    e.emu.set_pe(pe)
-                    e.load_kernels()
             w = World(npes, heap_bytes, workspace_bytes)
-            for pe in range(npes):
-                w.view(pe, 0, np.uint8, e.workspace_data_offset())[:] = 0
+            if load_kernels:
+                for q in w.local_pes():
+                    e.emu.set_pe(q)
+                    e.load_kernels()
+            for q in w.local_pes():
+                w.view(q, 0, np.uint8, e.workspace_data_offset())[:] = 0
+            if pe is not None:
+                # As runtime.init's dist.barrier(): no peer signals this PE before it has zeroed its flags.
+                e.barrier_all(0)
+                w.check()
             e.set_max_blocks(blocks)
             yield w
         finally:

@@ -22,6 +22,7 @@ HOST_ONLY = {
     "test_emu_collectives.py": "the emulated device",
     "test_emu_gemm.py": "the emulated device",
     "test_emu_moe.py": "the emulated device",
+    "test_emu_processes.py": "the emulated device",
     "test_emu_sanity.py": "the emulated device",
 }
 

@@ -13,6 +13,9 @@ void bind(py::module_& parent) {
   py::module_ m = parent.def_submodule("emu", "the CPU emulation of the device (csrc/emu/)");
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("start", &start, py::arg("npes"), py::arg("heap_bytes"), release());
+  m.def("start_process", &start_process, py::arg("pe"), py::arg("npes"), py::arg("heap_bytes"), py::arg("job"),
+        py::arg("timeout_s"), release(),
+        "this process hosts PE pe of npes, the others are processes started with the same job name");
   m.def("stop", &stop, release());
   m.def(
       "configure",
@@ -22,6 +25,7 @@ void bind(py::module_& parent) {
       py::arg("threads") = 0, py::arg("chaos_seed") = 0, py::arg("chaos_rate") = 0.0, py::arg("gemm_order") = 1,
       "gemm_order: 0 raster, 1 shuffled per PE, 2 last tile first");
   m.def("set_pe", &set_pe, py::arg("pe"));
+  m.def("local_pe", &local_pe, "the PE this process hosts after start_process, else -1");
   m.def("heap", &heap, py::arg("pe"));
   m.def("heap_bytes", &heap_bytes);
   m.def("stream_create", &stream_create);
@@ -36,6 +40,10 @@ void bind(py::module_& parent) {
   m.def(
       "synchronize", [] { SYMCOMM_CUDA_CHECK(cudaDeviceSynchronize()); }, release(),
       "waits for every stream of the current PE; raises the PE's error, if any");
+  m.def(
+      "stream_synchronize",
+      [](std::uintptr_t stream) { SYMCOMM_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream))); },
+      py::arg("stream"), release(), "waits for one stream of the current PE; raises the PE's error, if any");
 }
 
 }  // namespace symcomm::emu

@@ -2,12 +2,17 @@
 // threads, CUDA threads as fibers, traps, and the few CUDA runtime and NVSHMEM calls the core makes.
 #include "emu/runtime.h"
 
+#include <fcntl.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdarg>
@@ -46,12 +51,30 @@ struct Pe {
   std::set<const void*> loaded;  // the kernels cudaFuncGetAttributes has loaded
 };
 
+// Lock-free, so that it works between processes too: PE 0's is every PE's nvshmem_barrier_all.
+struct Barrier {
+  std::atomic<int> arrived;
+  std::atomic<std::uint64_t> round;
+};
+static_assert(std::atomic<int>::is_always_lock_free && std::atomic<std::uint64_t>::is_always_lock_free,
+              "the barrier's atomics must work in memory shared between processes");
+
+// The page before each heap: zeroed with it, in the same mapping (a shared segment after start_process).
+struct Header {
+  std::atomic<std::int64_t> creator;  // start_process: the creator's pid, stored once the segment has its size
+  Barrier barrier;
+};
+constexpr std::size_t kHeaderBytes = 4096;
+static_assert(sizeof(Header) <= kHeaderBytes);
+
 struct World {
   int npes = 0;
   std::size_t heap_bytes = 0;
+  int local = -1;        // the PE this process hosts (start_process); -1: every PE is here
+  std::string own_name;  // this PE's segment until its name is removed
   std::vector<std::unique_ptr<Pe>> pes;
-  std::atomic<int> barrier_arrived{0};
-  std::atomic<std::uint64_t> barrier_round{0};
+
+  Header& header(int pe) { return *reinterpret_cast<Header*>(pes[pe]->heap - kHeaderBytes); }
 };
 
 Settings g_settings;
@@ -59,14 +82,21 @@ std::unique_ptr<World> g_world;
 thread_local int t_pe = -1;
 
 World& world() {
-  SYMCOMM_CHECK(g_world != nullptr, "the emulated device is not started (call emu.start first)");
+  SYMCOMM_CHECK(g_world != nullptr, "the emulated device is not started (call emu.start or emu.start_process first)");
   return *g_world;
+}
+
+// The PE whose calls this thread makes, or -1.
+int current_index() {
+  if (g_world == nullptr) return -1;
+  return g_world->local >= 0 ? g_world->local : t_pe;
 }
 
 Pe& current_pe() {
   World& w = world();
-  SYMCOMM_CHECK(t_pe >= 0 && t_pe < w.npes, "no emulated PE is current on this thread (call emu.set_pe first)");
-  return *w.pes[t_pe];
+  const int q = current_index();
+  SYMCOMM_CHECK(q >= 0 && q < w.npes, "no emulated PE is current on this thread (call emu.set_pe first)");
+  return *w.pes[q];
 }
 
 std::string pe_error(Pe& pe) {
@@ -475,7 +505,9 @@ void launch(const void* entry, dim3 grid, dim3 block, std::uintptr_t stream, std
 
 // ---- the emulation's own controls (csrc/emu/bindings.cpp) ----
 
-void start(int npes, std::size_t heap_bytes) {
+namespace {
+
+std::unique_ptr<World> new_world(int npes, std::size_t heap_bytes) {
   SYMCOMM_CHECK(g_world == nullptr, "the emulated device is already started");
   SYMCOMM_CHECK(npes >= 1 && heap_bytes >= 4096 && heap_bytes % 4096 == 0,
                 "need at least one PE and a heap of whole 4 KiB pages");
@@ -483,25 +515,182 @@ void start(int npes, std::size_t heap_bytes) {
   w->npes = npes;
   w->heap_bytes = heap_bytes;
   for (int q = 0; q < npes; ++q) {
-    auto pe = std::make_unique<Pe>();
-    pe->index = q;
-    void* heap = mmap(nullptr, heap_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    SYMCOMM_CHECK(heap != MAP_FAILED, "cannot map an emulated heap of " + std::to_string(heap_bytes) + " bytes");
-    pe->heap = static_cast<char*>(heap);
+    w->pes.push_back(std::make_unique<Pe>());
+    w->pes.back()->index = q;
+  }
+  return w;
+}
+
+// Every PE's call meets the others' at PE 0's counters; false if the deadline passed first.
+bool meet(World& w, std::uint64_t deadline_ns) {
+  Barrier& b = w.header(0).barrier;
+  const std::uint64_t round = b.round.load(std::memory_order_acquire);
+  if (b.arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == w.npes) {
+    b.arrived.store(0, std::memory_order_relaxed);
+    b.round.fetch_add(1, std::memory_order_release);
+    return true;
+  }
+  while (b.round.load(std::memory_order_acquire) == round) {
+    if (now_ns() > deadline_ns) return false;
+    if (t_block != nullptr)
+      schedule(&b.round);
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  return true;
+}
+
+std::string segment_name(const std::string& job, int pe) { return "/symcomm-emu-" + job + "-" + std::to_string(pe); }
+
+// A pid taken by another user's process counts as alive too.
+bool alive(std::int64_t pid) { return kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH; }
+
+struct Mapping {
+  char* base = nullptr;
+  std::size_t bytes = 0;
+  std::int64_t creator() const { return reinterpret_cast<Header*>(base)->creator.load(std::memory_order_acquire); }
+};
+
+// The whole segment, or no mapping while it is absent or not yet sized.
+Mapping map_segment(const std::string& name) {
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    SYMCOMM_CHECK(errno == ENOENT, "cannot open /dev/shm" + name + ": " + std::strerror(errno));
+    return {};
+  }
+  struct stat st {};
+  const bool sized = fstat(fd, &st) == 0 && static_cast<std::size_t>(st.st_size) >= kHeaderBytes;
+  void* p = sized ? mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  close(fd);
+  if (p == MAP_FAILED) return {};
+  return {static_cast<char*>(p), static_cast<std::size_t>(st.st_size)};
+}
+
+// The local PE's segment, zeroed, in place of a killed run's leftover.
+void create_segment(World& w, const std::string& job, std::uint64_t deadline_ns) {
+  const std::string name = segment_name(job, w.local);
+  int fd;
+  while ((fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600)) < 0) {
+    SYMCOMM_CHECK(errno == EEXIST, "cannot create /dev/shm" + name + ": " + std::strerror(errno));
+    const Mapping old = map_segment(name);
+    const std::int64_t pid = old.base != nullptr ? old.creator() : 0;
+    if (old.base != nullptr) munmap(old.base, old.bytes);
+    SYMCOMM_CHECK(pid == 0 || !alive(pid), "emulated PE " + std::to_string(w.local) + ": /dev/shm" + name +
+                                               " belongs to process " + std::to_string(pid) +
+                                               ", which is alive (another run with job '" + job + "'?)");
+    // A creator records its pid right after sizing the segment: one that has not by the deadline died.
+    if (pid != 0 || now_ns() > deadline_ns)
+      shm_unlink(name.c_str());
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  w.own_name = name;
+  const std::size_t bytes = kHeaderBytes + w.heap_bytes;
+  void* p = ftruncate(fd, static_cast<off_t>(bytes)) == 0
+                ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+                : MAP_FAILED;
+  const int err = errno;
+  close(fd);
+  SYMCOMM_CHECK(p != MAP_FAILED, "cannot make /dev/shm" + name + " a heap of " + std::to_string(w.heap_bytes) +
+                                     " bytes: " + std::strerror(err));
+  w.pes[w.local]->heap = static_cast<char*>(p) + kHeaderBytes;
+  w.header(w.local).creator.store(getpid(), std::memory_order_release);
+}
+
+// Maps PE q's segment once its creator, alive, has sized it; false if not yet.
+bool map_peer(World& w, const std::string& job, int q) {
+  const Mapping m = map_segment(segment_name(job, q));
+  if (m.base == nullptr) return false;
+  const std::int64_t pid = m.creator();
+  if (pid == 0 || !alive(pid)) {  // not yet sized, or a killed run's leftover that PE q replaces when it starts
+    munmap(m.base, m.bytes);
+    return false;
+  }
+  if (m.bytes != kHeaderBytes + w.heap_bytes) {
+    munmap(m.base, m.bytes);
+    fail(__FILE__, __LINE__, "emulated PE " + std::to_string(w.local) + ": PE " + std::to_string(q) + "'s heap is " +
+                                 std::to_string(m.bytes - kHeaderBytes) + " bytes, this one's " +
+                                 std::to_string(w.heap_bytes));
+  }
+  w.pes[q]->heap = m.base + kHeaderBytes;
+  return true;
+}
+
+void connect(World& w, const std::string& job, double timeout_s) {
+  const std::uint64_t deadline = now_ns() + static_cast<std::uint64_t>(timeout_s * 1e9);
+  const std::string me = "emulated PE " + std::to_string(w.local) + " of job '" + job + "'";
+  std::ostringstream within;
+  within << " within " << timeout_s << " s";
+  create_segment(w, job, deadline);
+  std::vector<int> missing;
+  for (int q = 0; q < w.npes; ++q)
+    if (q != w.local) missing.push_back(q);
+  for (;;) {
+    missing.erase(std::remove_if(missing.begin(), missing.end(), [&](int q) { return map_peer(w, job, q); }),
+                  missing.end());
+    if (missing.empty()) break;
+    if (now_ns() > deadline) {
+      std::string names;
+      for (int q : missing) names += (names.empty() ? "" : ", ") + std::to_string(q);
+      fail(__FILE__, __LINE__,
+           me + ": PE" + (missing.size() > 1 ? "s " : " ") + names + " did not start" + within.str());
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  SYMCOMM_CHECK(meet(w, deadline), me + ": not every PE reached the start barrier" + within.str() +
+                                       " (one of them has ended since?)");
+  // Every PE has mapped every segment: the names are of no more use, and removing them now leaves
+  // nothing behind, however the processes end.
+  shm_unlink(w.own_name.c_str());
+  w.own_name.clear();
+}
+
+}  // namespace
+
+void start(int npes, std::size_t heap_bytes) {
+  auto w = new_world(npes, heap_bytes);
+  for (auto& pe : w->pes) {
+    void* p = mmap(nullptr, kHeaderBytes + heap_bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    SYMCOMM_CHECK(p != MAP_FAILED, "cannot map an emulated heap of " + std::to_string(heap_bytes) + " bytes");
+    pe->heap = static_cast<char*>(p) + kHeaderBytes;
     pe->streams.push_back(std::make_unique<Stream>(pe.get()));
-    w->pes.push_back(std::move(pe));
   }
   g_world = std::move(w);
 }
 
+void start_process(int pe, int npes, std::size_t heap_bytes, const std::string& job, double timeout_s) {
+  SYMCOMM_CHECK(!job.empty() && job.size() <= 64 &&
+                    job.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") ==
+                        std::string::npos,
+                "job name '" + job + "' must be 1 to 64 characters of [A-Za-z0-9_.-]");
+  SYMCOMM_CHECK(timeout_s > 0, "the start timeout must be positive");
+  auto w = new_world(npes, heap_bytes);
+  SYMCOMM_CHECK(pe >= 0 && pe < npes,
+                "PE " + std::to_string(pe) + " is out of range [0, " + std::to_string(npes) + ")");
+  w->local = pe;
+  g_world = std::move(w);
+  try {
+    connect(*g_world, job, timeout_s);
+  } catch (...) {
+    stop();
+    throw;
+  }
+  Pe& local = *g_world->pes[pe];
+  local.streams.push_back(std::make_unique<Stream>(&local));
+}
+
 void stop() {
   if (g_world == nullptr) return;
+  World& w = *g_world;
   // Streams finish what they were given first (every wait has a deadline), all of them before any is
   // freed: a stream may be waiting for an event of another.
-  for (auto& pe : g_world->pes)
+  for (auto& pe : w.pes)
     for (auto& s : pe->streams) s->finish();
-  for (auto& pe : g_world->pes) pe->streams.clear();
-  for (auto& pe : g_world->pes) munmap(pe->heap, g_world->heap_bytes);
+  for (auto& pe : w.pes) pe->streams.clear();
+  for (auto& pe : w.pes)
+    if (pe->heap != nullptr) munmap(pe->heap - kHeaderBytes, kHeaderBytes + w.heap_bytes);
+  if (!w.own_name.empty()) shm_unlink(w.own_name.c_str());  // start_process failed before removing it
   g_world.reset();
   t_pe = -1;
 }
@@ -510,9 +699,15 @@ void configure(const Settings& s) { g_settings = s; }
 const Settings& settings() { return g_settings; }
 
 void set_pe(int pe) {
-  SYMCOMM_CHECK(pe >= 0 && pe < world().npes, "PE " + std::to_string(pe) + " is out of range");
+  World& w = world();
+  SYMCOMM_CHECK(pe >= 0 && pe < w.npes, "PE " + std::to_string(pe) + " is out of range");
+  SYMCOMM_CHECK(w.local < 0 || pe == w.local, "this process hosts emulated PE " + std::to_string(w.local) +
+                                                  " only (emu.start_process): PE " + std::to_string(pe) +
+                                                  " runs in another process");
   t_pe = pe;
 }
+
+int local_pe() { return g_world == nullptr ? -1 : g_world->local; }
 
 std::uintptr_t heap(int pe) {
   SYMCOMM_CHECK(pe >= 0 && pe < world().npes, "PE " + std::to_string(pe) + " is out of range");
@@ -579,23 +774,13 @@ void* nvshmem_ptr(const void* ptr, int pe) {
 }
 
 void nvshmem_barrier_all() {
-  auto& w = world();
-  const std::uint64_t round = w.barrier_round.load(std::memory_order_acquire);
-  if (w.barrier_arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == w.npes) {
-    w.barrier_arrived.store(0, std::memory_order_relaxed);
-    w.barrier_round.fetch_add(1, std::memory_order_release);
-    return;
-  }
-  const std::uint64_t start = symcomm::emu::now_ns();
-  while (w.barrier_round.load(std::memory_order_acquire) == round) {
-    symcomm::emu::schedule(&w.barrier_round);
-    if (symcomm::emu::now_ns() - start > 30ull * 1000 * 1000 * 1000)
-      symcomm::emu::device_fail("nvshmem_barrier_all timed out on PE " + std::to_string(current_pe().index));
-  }
+  if (!symcomm::emu::meet(world(), symcomm::emu::now_ns() + 30ull * 1000 * 1000 * 1000))
+    symcomm::emu::device_fail("nvshmem_barrier_all timed out on PE " + std::to_string(current_pe().index));
 }
 
-// The emulated host library is up while the emulated device is started (emu.start plays nvshmem4py's
-// init), and the device state is shared by every PE of this process, so registering it has nothing to do.
+// The emulated host library is up while the emulated device is started (emu.start or emu.start_process
+// plays nvshmem4py's init), and the device state is shared by every PE of this process, so registering it
+// has nothing to do.
 int nvshmemx_init_status() {
   return symcomm::emu::g_world == nullptr ? NVSHMEM_STATUS_NOT_INITIALIZED : NVSHMEM_STATUS_IS_INITIALIZED;
 }
@@ -629,7 +814,7 @@ void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t by
 extern "C" {
 
 cudaError_t cudaGetLastError(void) {
-  if (symcomm::emu::g_world == nullptr || symcomm::emu::t_pe < 0) return cudaSuccess;
+  if (symcomm::emu::current_index() < 0) return cudaSuccess;
   return symcomm::emu::pe_error(current_pe()).empty() ? cudaSuccess : cudaErrorLaunchFailure;
 }
 
@@ -639,7 +824,7 @@ const char* cudaGetErrorString(cudaError_t error) {
   thread_local std::string text;
   if (error == cudaSuccess) return "no error";
   text = error == cudaErrorLaunchFailure ? "unspecified launch failure" : "error " + std::to_string(error);
-  if (symcomm::emu::g_world != nullptr && symcomm::emu::t_pe >= 0) {
+  if (symcomm::emu::current_index() >= 0) {
     const std::string why = symcomm::emu::pe_error(current_pe());
     if (!why.empty()) text += " (" + why + ")";
   }
@@ -666,6 +851,12 @@ cudaError_t cudaMemcpyToSymbol(const void* symbol, const void* src, size_t count
 cudaError_t cudaDeviceSynchronize(void) {
   auto& pe = current_pe();
   for (auto& s : pe.streams) s->wait_for(s->tail());
+  return cudaGetLastError();
+}
+
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  auto& s = symcomm::emu::stream_of(current_pe(), reinterpret_cast<std::uintptr_t>(stream));
+  s.wait_for(s.tail());
   return cudaGetLastError();
 }
 

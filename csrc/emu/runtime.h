@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace symcomm::emu {
 
@@ -22,14 +23,23 @@ struct Event {
   std::uint64_t count;
 };
 
-// PEs 0..npes-1, each with a zeroed symmetric heap of heap_bytes and a default stream (handle 0).
+// PEs 0..npes-1 in this process, each with a zeroed symmetric heap of heap_bytes and a default stream
+// (handle 0).
 void start(int npes, std::size_t heap_bytes);
-// Lets every stream finish, then frees the heaps.
+// PE `pe` of `npes` in this process, the others in other processes that make the same call with the
+// same job name (docs/emulation.md, "One PE per process"). Its heap is the shared memory segment
+// /symcomm-emu-<job>-<pe>; each PE maps every other's (waiting up to timeout_s for it), all meet, and
+// the names are removed. Only this PE has streams, and it is the current PE of every thread.
+void start_process(int pe, int npes, std::size_t heap_bytes, const std::string& job, double timeout_s);
+// Lets this process's streams finish, then unmaps the heaps.
 void stop();
 void configure(const Settings& s);
 const Settings& settings();
-// The PE whose calls this host thread makes from now on.
+// The PE whose calls this host thread makes from now on; after start_process, only the local PE.
 void set_pe(int pe);
+// The PE this process hosts after start_process; -1 after start, or when not started.
+int local_pe();
+// Where PE pe's heap is mapped in this process.
 std::uintptr_t heap(int pe);
 std::size_t heap_bytes();
 std::uintptr_t stream_create();
