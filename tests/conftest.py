@@ -11,11 +11,14 @@ import torch.distributed as dist
 
 import symcomm
 from harness import RankInfo
+from symcomm import runtime
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "dist: runs on every rank under torchrun (world 1, 2, 4)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU and the nvshmem backend")
+    config.addinivalue_line("markers", "real_gpu(why): needs a real GPU, not the emulated device (CUDA graphs, "
+                            "timings, MPS): skipped there, with the reason")
     rank = os.environ.get("RANK")
     if rank is not None and config.option.xmlpath:
         config.option.xmlpath = config.option.xmlpath.replace("{rank}", rank)
@@ -24,7 +27,13 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     # tests/run.py selects GPU tests only where they can run (and then forces the nvshmem backend,
     # so a broken install fails loudly); this only keeps a plain `pytest` on a CPU machine usable.
-    if os.environ.get("SYMCOMM_TEST_BACKEND", "auto") != "nvshmem" and not torch.cuda.is_available():
+    if runtime.emulated():
+        # The nvshmem backend on the emulated device (SYMCOMM_EMU_MODULE): the GPU suites run, but not
+        # what only a real GPU has.
+        for item in items:
+            for mark in item.iter_markers("real_gpu"):
+                item.add_marker(pytest.mark.skip(reason=f"needs a real GPU, not the emulated device: {mark.args[0]}"))
+    elif os.environ.get("SYMCOMM_TEST_BACKEND", "auto") != "nvshmem" and not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA GPU and the nvshmem backend")
         for item in items:
             if "gpu" in item.keywords:

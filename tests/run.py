@@ -102,21 +102,30 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
     return result
 
 
-def selection(gpu: bool, dist: bool) -> list[str]:
+# Devices a step runs on: "cpu" (the torch backend, gloo), "emulated" (the nvshmem backend on the
+# emulated device, csrc/emu/: the GPU suites without a GPU) and "gpu".
+EMULATED_WORLDS = (2, 3)
+EMULATED_WORKSPACE_BYTES = 1 << 20  # small, so that the GPU suites' largest cases chunk at small sizes
+
+
+def selection(device: str, dist: bool) -> list[str]:
     """The paths and marker of a step's pytest run: on the CPU, every file (a world of one: no marker);
-    on the GPU, the GPU_SUITES' single-process or `dist` tests."""
-    if not gpu:
+    on the (emulated) GPU, the GPU_SUITES' single-process or `dist` tests."""
+    if device == "cpu":
         return [str(TESTS)] + (["-m", "dist and not gpu"] if dist else [])
     return [str(TESTS / f) for f in GPU_SUITES] + ["-m", "dist" if dist else "gpu and not dist"]
 
 
-def environment(gpu: bool) -> dict[str, str]:
+def environment(device: str) -> dict[str, str]:
     env = dict(os.environ)
-    if gpu:
-        env["SYMCOMM_TEST_BACKEND"] = "nvshmem"
-    else:
-        env["SYMCOMM_TEST_BACKEND"] = "torch"
+    env["SYMCOMM_TEST_BACKEND"] = "torch" if device == "cpu" else "nvshmem"
+    if device != "gpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if device == "emulated":
+        import emu_harness
+
+        env["SYMCOMM_EMU_MODULE"] = str(emu_harness.builder(TESTS.parent / "csrc").build("plain"))
+        env.setdefault("SYMCOMM_WORKSPACE_BYTES", str(EMULATED_WORKSPACE_BYTES))
     return env
 
 
@@ -124,12 +133,12 @@ def pytest_args(selected: list[str], junit: Path, extra: list[str]) -> list[str]
     return ["-m", "pytest", *selected, "-q", "-rfEs", f"--junitxml={junit}", *extra]
 
 
-def single(work: Path, gpu: bool, extra: list[str], timeout: float) -> Result:
+def single(work: Path, device: str, extra: list[str], timeout: float) -> Result:
     """On the CPU, plain `pytest tests/`: what the README promises runs everything as a world of one."""
-    name = "gpu single-process" if gpu else "world of one"
+    name = "world of one" if device == "cpu" else f"{device} single-process"
     junit = work / f"{name.replace(' ', '-')}.xml"
-    cmd = [sys.executable, *pytest_args(selection(gpu, dist=False), junit, extra)]
-    return run(name, cmd, environment(gpu), [junit], None, timeout)
+    cmd = [sys.executable, *pytest_args(selection(device, dist=False), junit, extra)]
+    return run(name, cmd, environment(device), [junit], None, timeout)
 
 
 def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
@@ -150,20 +159,19 @@ def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
     return run("emu tsan", cmd, env, [junit], None, timeout)
 
 
-def distributed(work: Path, world: int, gpu: bool, extra: list[str], timeout: float) -> Result:
-    kind = "gpu" if gpu else "cpu"
-    out = work / f"{kind}-w{world}"
+def distributed(work: Path, world: int, device: str, extra: list[str], timeout: float) -> Result:
+    out = work / f"{device}-w{world}"
     out.mkdir()
-    env = environment(gpu)
-    if gpu and "CUDA_MPS_PIPE_DIRECTORY" in env:
+    env = environment(device)
+    if device == "gpu" and "CUDA_MPS_PIPE_DIRECTORY" in env:
         # Under MPS each PE gets an equal share of the SMs; shares summing to <= 100 are what lets
         # NVSHMEM run in full MPG mode (kernels of different PEs run concurrently).
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
     env.setdefault("SYMCOMM_TIMEOUT_S", "120")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--log-dir", str(out / "logs"),
-           "--redirects", "3", "--tee", "0:3", *pytest_args(selection(gpu, dist=True), out / "rank{rank}.xml", extra)]
+           "--redirects", "3", "--tee", "0:3", *pytest_args(selection(device, dist=True), out / "rank{rank}.xml", extra)]
     junit = [out / f"rank{r}.xml" for r in range(world)]
-    return run(f"{kind} world {world}", cmd, env, junit, out / "logs", timeout)
+    return run(f"{device} world {world}", cmd, env, junit, out / "logs", timeout)
 
 
 def gpu_present() -> bool:
@@ -188,13 +196,16 @@ def main() -> int:
     results = []
     if args.gpu != "only":
         if not args.no_single:
-            results.append(single(work, False, extra, args.timeout))
+            results.append(single(work, "cpu", extra, args.timeout))
             results.append(emu_tsan(work, extra, args.timeout))
-        results += [distributed(work, w, False, extra, args.timeout) for w in worlds]
+        results += [distributed(work, w, "cpu", extra, args.timeout) for w in worlds]
+        if not args.no_single:
+            results.append(single(work, "emulated", extra, args.timeout))
+        results += [distributed(work, w, "emulated", extra, args.timeout) for w in EMULATED_WORLDS]
     if gpu:
         if not args.no_single:
-            results.append(single(work, True, extra, args.timeout))
-        results += [distributed(work, w, True, extra, args.timeout) for w in worlds]
+            results.append(single(work, "gpu", extra, args.timeout))
+        results += [distributed(work, w, "gpu", extra, args.timeout) for w in worlds]
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from symcomm.bench import gemm
 
 pytestmark = pytest.mark.dist
 
-# K and N divisible by 4 ranks.
-TINY = {"row": (gemm.Shape("tiny", 32, 8), gemm.Shape("tiny-wide", 16, 24)), "column": (gemm.Shape("tiny", 16, 24),)}
+# K and N divisible by 2, 3 and 4 ranks.
+TINY = {"row": (gemm.Shape("tiny", 48, 8), gemm.Shape("tiny-wide", 24, 24)), "column": (gemm.Shape("tiny", 16, 48),)}
 MS = (1, 3, 8)
 
 
@@ -41,9 +42,14 @@ def test_rows_are_timed_checked_and_written(world, tiny, tmp_path, capsys):
             shape = next(s for s in shapes if s.name == r["shape"])
             row_parallel = bench.parallel == "row"
             assert (r["k"], r["n"]) == ((shape.k // w, shape.n) if row_parallel else (shape.k, shape.n // w))
-            assert r["correct"] and r["path"] == "matmul+collective"
-            times = [r[f"{t}_us"] for t in ("matmul", "comm", "unfused", "baseline", "fused")]
-            assert all(t > 0 for t in times)
+            # On the nvshmem backend 'auto' takes one of the op's two paths (gemm.choose).
+            assert r["correct"] and r["path"] in (("matmul+collective",) if world.backend == "torch" else ("fused", "unfused"))
+            assert all(r[f"{t}_us"] > 0 for t in ("matmul", "comm", "unfused", "baseline"))
+            if math.isnan(r["fused_us"]):
+                # The fused kernels take K and N multiples of 8 (gemm.fused_plan); the torch backend always times its op.
+                assert world.backend == "nvshmem" and (r["k"] % 8 or r["n"] % 8), r
+                continue
+            assert r["fused_us"] > 0
             assert r["speedup"] == pytest.approx(r["unfused_us"] / r["fused_us"])
             assert r["overlap"] == pytest.approx((r["matmul_us"] + r["comm_us"] - r["fused_us"])
                                                  / min(r["matmul_us"], r["comm_us"]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from harness import assert_close, on_gpu, seed_of, sum_ref
+from symcomm import runtime
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
 ops = torch.ops.symcomm
@@ -33,8 +34,8 @@ def test_all_reduce_algorithms(world, gen, sym, numel, dtype, algorithm, symmetr
 
 @pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
 def test_messages_larger_than_the_workspace_are_chunked(world, gen, op):
-    # 64 MiB of bf16 per rank: more than the default 64 MiB workspace can stage at once.
-    n = (32 << 20) // world.world_size * world.world_size
+    # bf16 of twice the workspace's size per rank: more than it can stage at once.
+    n = runtime.workspace().numel() // world.world_size * world.world_size
     xs = on_gpu(world, seed_of(gen), (n,), torch.bfloat16)
     out = getattr(ops, op)(xs[world.rank])
     if op == "all_reduce":
@@ -65,6 +66,7 @@ def test_a_thousand_back_to_back_calls_never_read_stale_data(world, gen):
             assert torch.equal(ops.all_to_all(xs[world.rank]), expected)
 
 
+@pytest.mark.real_gpu("CUDA graphs")
 @pytest.mark.parametrize("symmetric", [False, True], ids=["staged", "in-place"])
 def test_cuda_graph_replay_with_the_input_mutated_inside_the_graph(world, gen, sym, symmetric):
     n = 4096 * world.world_size + 5

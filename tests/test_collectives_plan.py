@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import symcomm
 from harness import Memory, assert_close, every_rank, read, sum_ref, write
-from symcomm import collectives, runtime
+from symcomm import collectives, runtime, streams
 
 pytestmark = pytest.mark.dist
 
@@ -108,6 +108,7 @@ def kernels(world, monkeypatch):
     fake = Kernels(memory)
     monkeypatch.setattr(runtime, "load_extension", lambda: fake)
     monkeypatch.setattr(runtime, "workspace", lambda: workspace)
+    monkeypatch.setattr(streams, "current", lambda: streams.EmulatedStream(0))  # any stream: nothing is queued
     monkeypatch.setattr(collectives, "torch", memory.recording())
     yield fake
     symcomm.free(workspace)

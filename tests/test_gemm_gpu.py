@@ -11,14 +11,20 @@ import pytest
 import torch
 
 from harness import assert_close, assert_gemm_close, gemm_ref, on_gpu, seed_of
-from symcomm import gemm, runtime
+from symcomm import gemm, runtime, streams
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
 ops = torch.ops.symcomm
 
+# The emulated device computes the GEMM on the CPU, one element at a time: there the same cases run
+# at sizes it does in seconds (K a multiple of 8 per rank at 2 and 3 ranks).
+EMULATED = runtime.emulated()
 # (K, N) of the unsharded row-parallel layers: Llama-3 8B o_proj and down_proj, 70B o_proj.
-ROW_LAYERS = [(4096, 4096), (14336, 4096), (8192, 8192)]
-MS = [1, 7, 128, 1000, 4096]
+ROW_LAYERS = [(384, 256), (768, 256)] if EMULATED else [(4096, 4096), (14336, 4096), (8192, 8192)]
+MS = [1, 7, 200] if EMULATED else [1, 7, 128, 1000, 4096]
+M_PER_RANK = [1, 7, 64] if EMULATED else [1, 7, 128, 1000]
+# (K, N) of column-parallel layers: Llama-3 8B and 70B gate_proj.
+COLUMN_LAYERS = [(384, 768)] if EMULATED else [(4096, 14336), (8192, 28672)]
 # bfloat16 at every layer, float16 at the first.
 DTYPE_LAYERS = [(torch.bfloat16, k, n) for k, n in ROW_LAYERS] + [(torch.float16, *ROW_LAYERS[0])]
 
@@ -44,11 +50,12 @@ def test_batched_gemm_core_against_matmul(world, gen, dtype, transposed):
     weight = on_gpu(world, seed_of(gen), (n, k) if transposed else (k, n), dtype)[0]
     b = weight.t() if transposed else weight
     d = torch.full((batches, m + gap, n), float("nan"), dtype=dtype, device=world.device)
+    stream = streams.current()
     runtime.load_extension().gemm(
         runtime.workspace().data_ptr(), m, n, k, batches, a.data_ptr(), k, m * k, weight.data_ptr(), weight.shape[1],
         transposed, d.data_ptr(), n, (m + gap) * n, 0, gemm.DTYPE_CODES[dtype], False, False, False, runtime.sm_count(),
-        torch.cuda.current_stream(world.device).cuda_stream)
-    torch.cuda.synchronize(world.device)
+        stream.cuda_stream)
+    streams.launched(stream)
     assert_close(d[:, :m], *gemm_ref([a], [b]), dtype=dtype)
     assert d[:, m:].isnan().all(), "the GEMM wrote between the batches"
 
@@ -67,7 +74,7 @@ def test_gemm_all_reduce(world, gen, m, dtype, k, n, bias, transposed, path):
 @pytest.mark.parametrize("path", ["fused", "unfused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k, n", ROW_LAYERS[:2])
-@pytest.mark.parametrize("m_per_rank", [1, 7, 128, 1000])
+@pytest.mark.parametrize("m_per_rank", M_PER_RANK)
 def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype, path):
     a_all, b_all = row_parallel(world, gen, m_per_rank * world.world_size, k, n, dtype, True)
     mine = slice(world.rank * m_per_rank, (world.rank + 1) * m_per_rank)
@@ -77,8 +84,8 @@ def test_gemm_reduce_scatter(world, gen, m_per_rank, k, n, dtype, path):
 
 @pytest.mark.parametrize("path", ["fused", "unfused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("k, n", [(4096, 14336), (8192, 28672)])  # 8B and 70B gate_proj
-@pytest.mark.parametrize("m_per_rank", [1, 7, 128, 1000])
+@pytest.mark.parametrize("k, n", COLUMN_LAYERS)
+@pytest.mark.parametrize("m_per_rank", M_PER_RANK)
 def test_all_gather_gemm(world, gen, m_per_rank, k, n, dtype, path):
     a_all = on_gpu(world, seed_of(gen), (m_per_rank, k), dtype)
     w = on_gpu(world, seed_of(gen), (n // world.world_size, k), dtype)[world.rank]
@@ -94,15 +101,18 @@ def test_fused_refuses_float32_by_name(world):
 
 
 def test_products_larger_than_the_workspace_come_in_pieces(world, gen):
-    # 8192 x 8192 partial sums of bf16 are 128 MiB, twice for all-reduce: more than the 64 MiB workspace.
-    a_all, b_all = row_parallel(world, gen, 8192, 8192, 8192, torch.bfloat16, True)
+    # bf16 partial sums of twice the workspace's size, and as much again for the reduced tiles.
+    k, n = ROW_LAYERS[-1]
+    m = 2 * runtime.workspace().numel() // (2 * n)
+    a_all, b_all = row_parallel(world, gen, m, k, n, torch.bfloat16, True)
     assert_gemm_close(ops.gemm_all_reduce(a_all[world.rank], b_all[world.rank], path="fused"), a_all, b_all)
 
 
 def test_back_to_back_calls_never_read_stale_tiles(world, gen):
-    for i in range(200):
-        m = int(torch.randint(1, 3000, (1,), generator=gen)) * world.world_size
-        a_all, b_all = row_parallel(world, gen, m, 1024 * world.world_size, 1024, torch.bfloat16, i % 2 == 0)
+    calls, largest, k, n = (30, 100, 128, 256) if EMULATED else (200, 3000, 1024, 1024)
+    for i in range(calls):
+        m = int(torch.randint(1, largest, (1,), generator=gen)) * world.world_size
+        a_all, b_all = row_parallel(world, gen, m, k * world.world_size, n, torch.bfloat16, i % 2 == 0)
         a, b = a_all[world.rank], b_all[world.rank]
         if i % 3 == 0:
             assert_gemm_close(ops.gemm_all_reduce(a, b, path="fused"), a_all, b_all)
@@ -114,6 +124,7 @@ def test_back_to_back_calls_never_read_stale_tiles(world, gen):
             assert_gemm_close(ops.all_gather_gemm(a, b, path="fused"), a_all, [b], gathered=True)
 
 
+@pytest.mark.real_gpu("CUDA graphs")
 def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
     m, k, n = 2048, 4096, 4096
     a = torch.empty((m, k // world.world_size), dtype=torch.bfloat16, device=world.device)
@@ -147,7 +158,7 @@ def test_cuda_graph_replay_with_the_inputs_mutated_inside_the_graph(world, gen):
 
 
 def test_torch_compile_gives_the_eager_result(world, gen):
-    a_all, b_all = row_parallel(world, gen, 1024, 4096, 4096, torch.bfloat16, True)
+    a_all, b_all = row_parallel(world, gen, *((128, 384, 256) if EMULATED else (1024, 4096, 4096)), torch.bfloat16, True)
     a, b = a_all[world.rank], b_all[world.rank]
 
     def layer(x):
@@ -161,7 +172,8 @@ def test_torch_compile_gives_the_eager_result(world, gen):
 def test_the_policy_takes_the_fused_path_from_the_cut_point_on(world):
     cut = gemm.fused_min_m(world.world_size)
     a = torch.empty(1, 512, dtype=torch.bfloat16, device=world.device)
-    b = torch.empty(512, 4096, dtype=torch.bfloat16, device=world.device)
+    # N small enough that the fused path fits a small workspace too (the emulated runs use 1 MiB).
+    b = torch.empty(512, 256, dtype=torch.bfloat16, device=world.device)
     assert gemm.path_for("gemm_all_reduce", a, b) == "unfused"
     if cut is not None:
         big = torch.empty(cut, 512, dtype=torch.bfloat16, device=world.device)

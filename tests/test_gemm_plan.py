@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import symcomm
 from harness import Memory, assert_gemm_close, every_rank, read, write
-from symcomm import gemm, runtime
+from symcomm import gemm, runtime, streams
 
 pytestmark = pytest.mark.dist
 
@@ -262,16 +262,15 @@ def kernels(world, monkeypatch):
     if world.backend != "torch":
         pytest.skip("the stand-in reads and writes the workspace from the host: torch backend (CPU memory) only")
     workspace = symcomm.empty((256 + WORKSPACE_DATA,), torch.uint8)
-    memory, streams = Memory(workspace, 256), Streams()
-    fake = Kernels(memory, streams)
-    Stream = streams.stream()
-    caller = Stream()
+    memory, model = Memory(workspace, 256), Streams()
+    fake = Kernels(memory, model)
+    Stream = model.stream()
+    caller, side = Stream(), Stream()
     monkeypatch.setattr(runtime, "load_extension", lambda: fake)
     monkeypatch.setattr(runtime, "workspace", lambda: workspace)
     monkeypatch.setattr(runtime, "sm_count", lambda: SMS)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(gemm, "_side_streams", {})
+    monkeypatch.setattr(streams, "current", lambda: caller)
+    monkeypatch.setattr(streams, "side", lambda: side)
     monkeypatch.setattr(gemm, "torch", memory.recording())
     copy = gemm._aligned_copy
     monkeypatch.setattr(gemm, "_aligned_copy", lambda t: memory.operands.append(copy(t)) or memory.operands[-1])
@@ -280,7 +279,7 @@ def kernels(world, monkeypatch):
     def fused_then_read(op, a, b, bias=None):
         memory.operands += [a, b] + ([bias] if bias is not None else [])
         out = fused(op, a, b, bias)
-        streams.synchronize(caller.cuda_stream)
+        model.synchronize(caller.cuda_stream)
         return out
 
     monkeypatch.setattr(gemm, "fused", fused_then_read)

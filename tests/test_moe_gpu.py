@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness import run_alone
+from symcomm import runtime
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.symcomm
@@ -31,6 +32,7 @@ def expected_combine(x, ids, weights, rank_scale):
 
 
 @pytest.mark.dist
+@pytest.mark.real_gpu("CUDA graphs")
 def test_cuda_graph_replay_with_tokens_mutated_inside_the_graph(world, gen, sym):
     experts, k, hidden, tokens = 4 * world.world_size, 2, 256, 16
     local = experts // world.world_size
@@ -81,17 +83,19 @@ OVERFLOW = textwrap.dedent(
     """
     import torch, symcomm
     symcomm.init(backend="nvshmem")
-    x = torch.randn(8, 64, dtype=torch.bfloat16, device="cuda")
-    ids = torch.zeros(8, 1, dtype=torch.int64, device="cuda")   # 8 pairs to expert 0...
+    device = symcomm.device()
+    x = torch.randn(8, 64, dtype=torch.bfloat16, device=device)
+    ids = torch.zeros(8, 1, dtype=torch.int64, device=device)   # 8 pairs to expert 0...
     expert_x = symcomm.empty((2, 4, 64), torch.bfloat16)         # ...which has room for 4
     counts = symcomm.empty((2,), torch.int32)
     torch.ops.symcomm.moe_dispatch(x, ids, 2, expert_x, counts)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # on the emulated device the launch itself waits
     """
 )
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not (torch.cuda.is_available() or runtime.emulated()), reason="needs a GPU or the emulated device")
 def test_overflow_stops_the_kernel_with_a_message(tmp_path):
     out = run_alone(tmp_path, OVERFLOW)
     assert out.returncode != 0

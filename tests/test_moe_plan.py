@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from harness import Memory, assert_close, read, write
-from symcomm import moe, ops, runtime
+from symcomm import moe, ops, runtime, streams
 
 E, H = 8, 16  # 8 experts divide every world size we run; rows of 16 half-precision elements are 32 bytes
 ITEMSIZE = {0: 4, 1: 2, 2: 2}  # the dtype codes the kernels take (collectives.DTYPE_CODES)
@@ -157,6 +157,7 @@ def kernels(world, sym, monkeypatch):
     workspace = sym((256,), torch.uint8)
     monkeypatch.setattr(runtime, "load_extension", lambda: fake)
     monkeypatch.setattr(runtime, "workspace", lambda: workspace)
+    monkeypatch.setattr(streams, "current", lambda: streams.EmulatedStream(0))  # any stream: nothing is queued
     # New tensors (routing, y) start poisoned, so that an element the kernel should have written shows.
     monkeypatch.setattr(moe, "torch", Memory(workspace, workspace.numel()).recording())
     return fake

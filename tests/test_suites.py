@@ -37,8 +37,9 @@ def collect(args: list[str], env: dict[str, str]) -> list[str]:
 
 def collected(gpu: bool, dist: bool, world: int) -> set[str]:
     """The files of the tests a step would run, as pytest collects them for one of its ranks."""
-    env = {**run.environment(gpu), "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
-    return {test.split("::", 1)[0].rsplit("/", 1)[-1] for test in collect(run.selection(gpu, dist), env)}
+    device = "gpu" if gpu else "cpu"
+    env = {**run.environment(device), "WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0"}
+    return {test.split("::", 1)[0].rsplit("/", 1)[-1] for test in collect(run.selection(device, dist), env)}
 
 
 def load_gpu_run():
@@ -79,7 +80,7 @@ def test_gpu_run_runs_only_gpu_suites_and_each_selection_selects_tests():
              if isinstance(step.command, list) and "pytest" in step.command}
     named = {os.path.basename(a) for argv in steps.values() for a in argv if a.startswith("tests/")}
     assert named and named <= set(run.GPU_SUITES), sorted(named - set(run.GPU_SUITES))
-    env = run.environment(gpu=True)
+    env = run.environment("gpu")
     for name, argv in steps.items():
         # The step's files, marker and -k, without torchrun or the report options.
         start = argv.index("pytest") + 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from symcomm import runtime
+from symcomm import runtime, streams
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 ALGORITHMS = ("auto", "one_shot", "two_shot")
@@ -38,16 +38,15 @@ class _Context:
     data_bytes: int
     rank: int
     world: int
-    stream: int
+    stream: object  # symcomm.streams.current()
 
 
 def _context() -> _Context:
     ext = runtime.load_extension()
     ws = runtime.workspace()
     offset = ext.workspace_data_offset()
-    stream = torch.cuda.current_stream(ws.device).cuda_stream if ws.is_cuda else 0
     return _Context(ext, ws.data_ptr(), ws.data_ptr() + offset, ws.numel() - offset, runtime.rank(),
-                    runtime.world_size(), stream)
+                    runtime.world_size(), streams.current())
 
 
 def _round_down(n: int, multiple: int) -> int:
@@ -85,7 +84,8 @@ def _vec16(*pitches: int) -> bool:
 def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst: int, dst_pitch: int,
             dtype: torch.dtype, vec16: bool, result_offset: int = 0) -> None:
     fn(ctx.workspace, src[0], src[1], row, length, dst, dst_pitch, result_offset, DTYPE_CODES.get(dtype, 0), vec16,
-       ctx.stream)
+       ctx.stream.cuda_stream)
+    streams.launched(ctx.stream)
 
 
 def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:

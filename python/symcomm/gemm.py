@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from symcomm import collectives, runtime
+from symcomm import collectives, runtime, streams
 
 PATHS = ("auto", "fused", "unfused")
 PATH_ENV = "SYMCOMM_GEMM_PATH"
@@ -162,9 +162,6 @@ def _weight(b: torch.Tensor) -> _Operand:
     return _Operand(_aligned_copy(b), n)
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def _overlapped(ctx, comm, gemm, gemm_waits: bool) -> None:
     """Runs comm(stream) on a side stream alongside gemm(stream) on the current one, after gemm_begin
     and before anything queued later (fork and join: also how it is captured in a CUDA graph).
@@ -179,10 +176,7 @@ def _overlapped(ctx, comm, gemm, gemm_waits: bool) -> None:
     think): the comm kernel for all_gather_gemm, whose GEMM waits for its bands; otherwise the GEMM,
     which waits for nothing, so it finishes and frees its SMs even if the comm kernel gets none first.
     """
-    main = torch.cuda.current_stream()
-    side = _side_streams.get(main.device)
-    if side is None:
-        side = _side_streams[main.device] = torch.cuda.Stream(main.device)
+    main, side = ctx.stream, streams.side()
     ctx.ext.gemm_begin(ctx.workspace, main.cuda_stream)
     side.wait_stream(main)
     if gemm_waits:
@@ -192,6 +186,7 @@ def _overlapped(ctx, comm, gemm, gemm_waits: bool) -> None:
         gemm(main.cuda_stream)
         comm(side.cuda_stream)
     main.wait_stream(side)
+    streams.launched(main)
 
 
 def _comm_blocks() -> int:
@@ -229,7 +224,8 @@ def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None =
 
     bias_ptr = bias.data_ptr() if bias is not None else 0
     if world == 1:
-        gemm(ctx.stream, m, lhs.ptr, lhs.ld, out.data_ptr(), bias_ptr=bias_ptr)
+        gemm(ctx.stream.cuda_stream, m, lhs.ptr, lhs.ld, out.data_ptr(), bias_ptr=bias_ptr)
+        streams.launched(ctx.stream)
     elif op == "gemm_all_reduce":
         for r0 in range(0, m, plan.rows):
             rows = min(plan.rows, m - r0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from symcomm import runtime
+from symcomm import runtime, streams
 from symcomm.collectives import DTYPE_CODES
 
 
@@ -22,7 +22,7 @@ def _context(op: str, expert_buf: torch.Tensor, name: str):
         raise ValueError(f"{op}: a row of {name} ({expert_buf.shape[2]} x {expert_buf.element_size()} bytes) must "
                          "be a multiple of 16 bytes on the nvshmem backend")
     ws = runtime.workspace()
-    return runtime.load_extension(), ws.data_ptr(), torch.cuda.current_stream(ws.device).cuda_stream if ws.is_cuda else 0
+    return runtime.load_extension(), ws.data_ptr(), streams.current()
 
 
 def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
@@ -56,7 +56,8 @@ def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     capacity, hidden = expert_x.shape[1], expert_x.shape[2]
     ext.moe_dispatch(ws, x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
                      expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts, capacity, hidden,
-                     DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream)
+                     DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream.cuda_stream)
+    streams.launched(stream)
     return routing
 
 
@@ -70,5 +71,6 @@ def combine(expert_y, topk_weights, routing):
     routing, weights = routing.contiguous(), topk_weights.contiguous()
     ext.moe_combine(ws, expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens, top_k,
                     local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
-                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream)
+                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream)
+    streams.launched(stream)
     return y

@@ -437,7 +437,7 @@ _fallback_logged: set[str] = set()
 
 
 def _pick_impl(op: Op, args) -> Callable[..., torch.Tensor]:
-    if runtime.backend() == "nvshmem" and args[0].is_cuda:
+    if runtime.backend() == "nvshmem":
         if op.nvshmem_impl is not None:
             return op.nvshmem_impl
         if op.name not in _fallback_logged and runtime.rank() == 0:

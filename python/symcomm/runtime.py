@@ -3,6 +3,11 @@
 Order matters on the nvshmem backend (see the README's "How it starts"):
 torch.distributed -> nvshmem4py host init (unique id over torch.distributed) -> our extension's
 device state -> workspace. finalize() walks the same steps backwards.
+
+With SYMCOMM_EMU_MODULE set (the path that `python3 csrc/emu/build.py` prints), the nvshmem backend
+runs on the emulated device instead (docs/emulation.md): the same kernels and bindings built for the
+CPU, one PE per rank, each rank's symmetric heap a shared-memory segment that every rank maps, and
+symmetric tensors CPU tensors on it. Only then, never by default.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +33,11 @@ log = logging.getLogger("symcomm")
 BACKENDS = ("auto", "nvshmem", "torch")
 DEFAULT_WORKSPACE_BYTES = 64 << 20
 DEFAULT_TIMEOUT_S = 60.0
+EMU_MODULE_ENV = "SYMCOMM_EMU_MODULE"
+# The emulated device's heap beyond the workspace (SYMCOMM_EMU_HEAP_BYTES): pages are only used once touched.
+DEFAULT_EMU_HEAP_BYTES = 1 << 30
+EMULATED_SMS = 8  # blocks the emulated device runs at once per PE (each an OS thread)
+_ALIGN = 256  # of symmetric allocations on the emulated heap, as NVSHMEM's
 
 
 class NotInitializedError(RuntimeError):
@@ -53,6 +64,11 @@ class _State:
     init_args: tuple = ()
     # This rank's share of the GPU's SMs (all of them, or its MPS share), the same on every rank.
     sms: int = 0
+    # The emulated device: this rank's heap and what of it is free, {offset: bytes}.
+    heap: tuple[int, int] | None = None
+    free_blocks: dict[int, int] = field(default_factory=dict)
+    # The fused GEMM ops' second stream (symcomm.streams.side), made at first use.
+    side_stream: object = None
 
 
 _state: _State | None = None
@@ -81,15 +97,28 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
+def emulated() -> bool:
+    """Whether the nvshmem backend runs on the emulated device (SYMCOMM_EMU_MODULE is set)."""
+    return bool(os.environ.get(EMU_MODULE_ENV))
+
+
 @functools.cache
 def load_extension():
     """Imports symcomm._C, loading NVSHMEM's host library from its wheel first (once: ops call this
-    on every launch).
+    on every launch); or, on the emulated device, the emulated module SYMCOMM_EMU_MODULE names.
 
     The wheel ships only versioned .so files in a directory no loader searches, so the library is
     opened by full path (RTLD_GLOBAL) before the extension that needs it. If torch already loaded
     libnvshmem_host.so.3 (torch >= 2.11 CUDA wheels do), the loader reuses that copy.
     """
+    if emulated():
+        path = os.environ[EMU_MODULE_ENV]
+        spec = importlib.util.spec_from_file_location("symcomm._emu", path)
+        if spec is None or not os.path.isfile(path):
+            raise ImportError(f"{EMU_MODULE_ENV}={path!r} is not a module file (python3 csrc/emu/build.py prints it)")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     spec = importlib.util.find_spec("nvidia.nvshmem")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("NVSHMEM host library not found: pip install 'nvidia-nvshmem-cu13>=3.4.5'")
@@ -100,6 +129,13 @@ def load_extension():
 
 def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
     """Why the nvshmem backend cannot run in this process, or None if it can."""
+    if emulated():
+        try:
+            ext = load_extension()
+        except ImportError as e:
+            return f"the emulated device could not be loaded ({e})"
+        return None if dist.get_world_size() <= ext.max_peers else \
+            f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_peers}"
     if device.type != "cuda":
         return "no CUDA GPU is visible to torch"
     try:
@@ -129,7 +165,7 @@ def _rank_env() -> tuple[int, int, int, int]:
 
 
 def _pick_device(local_rank: int) -> torch.device:
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+    if emulated() or not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         return torch.device("cpu")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
@@ -174,7 +210,7 @@ def _cuda_device_class():
     return Device
 
 
-def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
+def _start_nvshmem_host(state: _State) -> None:
     import nvshmem.core
 
     if state.shared_gpu:
@@ -189,6 +225,25 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
     nvshmem.core.init(device=cuda_device, uid=box[0], rank=state.rank, nranks=state.world_size, initializer_method="uid")
     state.nvshmem_up = True
+
+
+def _start_emulated_host(state: _State, workspace_bytes: int) -> None:
+    """What nvshmem4py's init does, on the emulated device: every rank's heap, mapped by every rank."""
+    heap_bytes = -(-(workspace_bytes + (_env_int("SYMCOMM_EMU_HEAP_BYTES") or DEFAULT_EMU_HEAP_BYTES)) // 4096) * 4096
+    # The segments are named for this job: rank 0's pid and the moment, the same on every rank.
+    box = [f"{os.getpid()}-{time.monotonic_ns()}"]
+    dist.broadcast_object_list(box, src=0)
+    load_extension().emu.start_process(state.rank, state.world_size, heap_bytes, box[0], state.timeout_s)
+    state.nvshmem_up = True
+    state.heap = (load_extension().emu.heap(state.rank), heap_bytes)
+    state.free_blocks = {0: heap_bytes}
+
+
+def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
+    if emulated():
+        _start_emulated_host(state, workspace_bytes)
+    else:
+        _start_nvshmem_host(state)
     ext = load_extension()
     ext.init_device_state(state.timeout_s)
     ext.load_kernels()
@@ -196,16 +251,24 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     # The kernels' barrier flags and counters live at the front of the workspace and only ever count
     # up; the heap is not zeroed, so zero them, and let nobody signal a peer before all have.
     state.workspace[: ext.workspace_data_offset()].zero_()
-    torch.cuda.synchronize(state.device)
+    _synchronize(state)
     dist.barrier()
     unreachable = problems_on_ranks(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not "
                                     "reachable by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
     if unreachable:
         raise RuntimeError(f"init(backend='nvshmem'): {unreachable}")
-    state.sms = _agreed_sm_share(state)
+    state.sms = EMULATED_SMS if emulated() else _agreed_sm_share(state)
     # Blocks per collective kernel: no more than our SMs, whose sum over the ranks on a GPU fits in it,
     # so that the blocks of every rank can run at once (their barriers wait for each other).
     ext.set_max_blocks(min(state.sms, ext.max_blocks))
+
+
+def _synchronize(state: _State) -> None:
+    """Waits for every kernel this rank queued."""
+    if emulated():
+        load_extension().emu.synchronize()
+    else:
+        torch.cuda.synchronize(state.device)
 
 
 MPS_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
@@ -279,7 +342,10 @@ def _agreed_sm_share(state: _State) -> int:
 
 def _allocate(state: _State, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if state.backend == "nvshmem":
+    if state.backend == "nvshmem" and emulated():
+        raw = _heap_allocate(state, max(nbytes, 16))
+        dist.barrier()  # collective, as NVSHMEM's allocation is
+    elif state.backend == "nvshmem":
         import nvshmem.core.interop.torch as nvshmem_torch
 
         # At least one element so that a zero-size tensor still has a heap address to free.
@@ -290,9 +356,36 @@ def _allocate(state: _State, shape: tuple[int, ...], dtype: torch.dtype) -> torc
     return raw[:nbytes].view(dtype).view(shape)
 
 
+def _heap_allocate(state: _State, nbytes: int) -> torch.Tensor:
+    """The first free block of the emulated heap that fits: every rank allocating the same sizes in the
+    same order gets the same offsets, which is what makes the heap symmetric."""
+    size = -(-nbytes // _ALIGN) * _ALIGN
+    for offset, free in sorted(state.free_blocks.items()):
+        if free >= size:
+            del state.free_blocks[offset]
+            if free > size:
+                state.free_blocks[offset + size] = free - size
+            buffer = (ctypes.c_char * size).from_address(state.heap[0] + offset)
+            return torch.frombuffer(buffer, dtype=torch.uint8)
+    raise RuntimeError(f"empty: the emulated symmetric heap ({state.heap[1]} bytes) has no {size} bytes free; "
+                       "set SYMCOMM_EMU_HEAP_BYTES larger")
+
+
+def _heap_free(state: _State, raw: torch.Tensor) -> None:
+    offset, size = raw.data_ptr() - state.heap[0], raw.numel()
+    following = state.free_blocks.pop(offset + size, 0)
+    before = [o for o, n in state.free_blocks.items() if o + n == offset]
+    if before:
+        state.free_blocks[before[0]] += size + following
+    else:
+        state.free_blocks[offset] = size + following
+
+
 def _free(state: _State, raw: torch.Tensor) -> None:
     del state.symmetric[raw.data_ptr()]
-    if state.backend == "nvshmem":
+    if state.backend == "nvshmem" and emulated():
+        _heap_free(state, raw)
+    elif state.backend == "nvshmem":
         import nvshmem.core.interop.torch as nvshmem_torch
 
         nvshmem_torch.free_tensor(raw)
@@ -383,13 +476,16 @@ def finalize() -> None:
 def _teardown(state: _State) -> None:
     """Undoes what init did, as far as it got."""
     if state.nvshmem_up:
-        import nvshmem.core
-
         _quiesce(state)
         load_extension().finalize_device_state()
         for raw in list(state.symmetric.values()):
             _free(state, raw)
-        nvshmem.core.finalize()
+        if emulated():
+            load_extension().emu.stop()
+        else:
+            import nvshmem.core
+
+            nvshmem.core.finalize()
     state.symmetric.clear()
     if state.owns_process_group:
         dist.destroy_process_group()
@@ -487,7 +583,7 @@ def is_symmetric(t: torch.Tensor) -> bool:
 def _quiesce(state: _State) -> None:
     """Returns once no kernel of any rank can still touch the symmetric heap: ours have finished (also
     those reading peers' memory), and so have every other rank's."""
-    torch.cuda.synchronize(state.device)
+    _synchronize(state)
     dist.barrier()
 
 

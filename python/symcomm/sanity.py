@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from symcomm import runtime
+from symcomm import runtime, streams
 
 
 def _ext():
@@ -17,8 +17,10 @@ def _ext():
     return runtime.load_extension()
 
 
-def _stream() -> int:
-    return torch.cuda.current_stream(runtime.device()).cuda_stream
+def _launch(kernel, *args) -> None:
+    stream = streams.current()
+    kernel(*args, stream.cuda_stream)
+    streams.launched(stream)
 
 
 def _check_symmetric(name: str, t: torch.Tensor) -> None:
@@ -44,7 +46,7 @@ def ring_put_signal(src: torch.Tensor, dst: torch.Tensor, signal: torch.Tensor, 
     _check_flag("signal", signal)
     if src.device != dst.device or src.nbytes != dst.nbytes or not src.is_contiguous():
         raise ValueError(f"src must be contiguous, on {dst.device}, and {dst.nbytes} bytes like dst")
-    ext.ring_put_signal(dst.data_ptr(), src.data_ptr(), dst.nbytes, signal.data_ptr(), epoch, _stream())
+    _launch(ext.ring_put_signal, dst.data_ptr(), src.data_ptr(), dst.nbytes, signal.data_ptr(), epoch)
 
 
 def peer_load(symmetric: torch.Tensor, pe: int) -> torch.Tensor | None:
@@ -56,17 +58,17 @@ def peer_load(symmetric: torch.Tensor, pe: int) -> torch.Tensor | None:
         raise ValueError(f"pe must be in [0, {runtime.world_size()}), got {pe}")
     out = torch.empty_like(symmetric)
     found = torch.zeros(1, dtype=torch.int32, device=symmetric.device)
-    ext.peer_load(out.data_ptr(), symmetric.data_ptr(), symmetric.nbytes, pe, found.data_ptr(), _stream())
+    _launch(ext.peer_load, out.data_ptr(), symmetric.data_ptr(), symmetric.nbytes, pe, found.data_ptr())
     return out if found.item() else None
 
 
 def barrier_all() -> None:
     """A device-side nvshmem_barrier_all on the current stream."""
-    _ext().barrier_all(_stream())
+    _launch(_ext().barrier_all)
 
 
 def wait_flag(flag: torch.Tensor, target: int) -> None:
     """Waits on the device until flag >= target; past the timeout the kernel reports this PE and traps."""
     ext = _ext()
     _check_flag("flag", flag)
-    ext.wait_flag(flag.data_ptr(), target, _stream())
+    _launch(ext.wait_flag, flag.data_ptr(), target)

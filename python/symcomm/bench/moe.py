@@ -193,7 +193,8 @@ def main(args) -> None:
     rank 0 prints the table and writes <args.out>/moe-w<N>.json, .csv and .png."""
     dev = runtime.device()
     gpu = dev.type == "cuda"
-    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    # The nvshmem kernels combine 16-bit rows (also on the emulated device, whose tensors are on the CPU).
+    args.dtype = args.dtype or ("bfloat16" if gpu or runtime.backend() == "nvshmem" else "float32")
     configs, token_counts = (GPU_CONFIGS, GPU_TOKENS) if gpu else (CPU_CONFIGS, CPU_TOKENS)
     header = {**harness.environment(), **harness.ceilings(dev), "dtype": args.dtype,
               "capacity": "exact fit: the most pairs any expert receives in this routing"}
