@@ -4,6 +4,8 @@ in a scratch copy of the sources, and the tests named with it must fail.
 - In csrc/: the emulated module is built from the copy and the emulated-kernel suites run on it.
 - In python/symcomm/: the copy is imported in place of the installed package, and the tests run
   under torchrun at world 2 on the torch backend (the host-side stand-ins and the op tests).
+- Marked "emulated": the GPU suites run under torchrun at world 2 on the nvshmem backend on the
+  emulated device, built from the (mutated) csrc/: bindings, host side and kernels together.
 
     python3 tests/mutations.py            # every mutation; exit 1 if any went unnoticed
     python3 tests/mutations.py -k owner   # those whose name contains "owner"
@@ -26,7 +28,8 @@ import emu_harness
 ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, the exact text, what it becomes, the tests that must notice[, "tsan": under
-# ThreadSanitizer, for orderings that the emulation's x86 host would otherwise forgive])
+# ThreadSanitizer, for orderings that the emulation's x86 host would otherwise forgive; "emulated": the
+# GPU suites on the emulated device])
 MUTATIONS = {
     "two-shot without its middle barrier": (
         "csrc/collectives/collectives.cu", "  s.meet(peers);  // every share is reduced\n", "",
@@ -123,6 +126,19 @@ MUTATIONS = {
     "a weight shard that is a view of the full weight": (
         "python/symcomm/nn/sharding.py", "return t.narrow(dim, rank * size, size).clone()",
         "return t.narrow(dim, rank * size, size)", "test_model.py -k copies"),
+    # The whole path on the emulated device: torch.ops -> host side -> bindings -> kernels.
+    "a one-shot all-reduce that leaves out the last PE": (
+        "csrc/collectives/collectives.cu", "sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);",
+        "sum_range<T, N>(src, a.npes - 1, reinterpret_cast<T*>(a.dst), lo, hi);",
+        "test_collectives_gpu.py -k algorithms", "emulated"),
+    "moe_dispatch's binding swaps positions and counts": (
+        "csrc/bindings.cpp", "symcomm::moe_dispatch({workspace, x, topk_ids, positions, counts,",
+        "symcomm::moe_dispatch({workspace, x, topk_ids, counts, positions,", "test_moe.py", "emulated"),
+    "two-shot's result area on the staging area, on the emulated device": (
+        "python/symcomm/collectives.py", "result_offset = ctx.data - ctx.workspace + capacity",
+        "result_offset = ctx.data - ctx.workspace", "test_collectives_gpu.py -k two_shot", "emulated"),
+    "the fused path without the join, on the emulated device": (
+        "python/symcomm/gemm.py", "    main.wait_stream(side)\n", "", "test_gemm_gpu.py -k gemm_all_reduce", "emulated"),
 }
 
 
@@ -157,18 +173,26 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
     files, *select = tests.split(" ", 1)
     args = ["-x", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / files), *(select[0].split(" ", 1) if select else [])]
     env, python = dict(os.environ), sys.executable
-    if path.startswith("csrc/"):
+    torchrun = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "pytest", "-m", "dist", *args]
+    if path.startswith("python/"):
+        extension = _installed_extension()
+        if extension is not None:
+            shutil.copy(extension, copy / "symcomm")
+        env["PYTHONPATH"] = str(copy)
+    if variant == ["emulated"]:
+        module = emu_harness.builder(copy if path.startswith("csrc/") else ROOT / "csrc").build("plain")
+        env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem", SYMCOMM_WORKSPACE_BYTES=str(1 << 20),
+                   CUDA_VISIBLE_DEVICES="", SYMCOMM_TIMEOUT_S="20")
+        cmd = torchrun
+    elif path.startswith("csrc/"):
         env["SYMCOMM_EMU_CSRC"] = str(copy)
         if variant == ["tsan"]:
             python = str(emu_harness.builder(copy).tsan_python())
             env.update(SYMCOMM_EMU_VARIANT="tsan", OPENBLAS_NUM_THREADS="1", TSAN_OPTIONS="halt_on_error=1 exitcode=66")
         cmd = [python, "-m", "pytest", "--noconftest", *args]
     else:
-        extension = _installed_extension()
-        if extension is not None:
-            shutil.copy(extension, copy / "symcomm")
-        env.update(PYTHONPATH=str(copy), SYMCOMM_TEST_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
-        cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "pytest", "-m", "dist", *args]
+        env.update(SYMCOMM_TEST_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
+        cmd = torchrun
     start = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT / "tests", env=env, capture_output=True, text=True, timeout=1200)
     out = done.stdout + done.stderr

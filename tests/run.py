@@ -104,21 +104,24 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
 
 # Devices a step runs on: "cpu" (the torch backend, gloo), "emulated" (the nvshmem backend on the
 # emulated device, csrc/emu/: the GPU suites without a GPU) and "gpu".
-EMULATED_WORLDS = (2, 3)
+# The world sizes of the emulated runs, and their files: at 3 ranks only the GPU files, since the
+# contract suites size their inputs for 1, 2 and 4 ranks.
+EMULATED_RUNS = {2: GPU_SUITES, 3: ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "test_moe_gpu.py")}
 EMULATED_WORKSPACE_BYTES = 1 << 20  # small, so that the GPU suites' largest cases chunk at small sizes
 
 
-def selection(device: str, dist: bool) -> list[str]:
+def selection(device: str, dist: bool, files: tuple[str, ...] = GPU_SUITES) -> list[str]:
     """The paths and marker of a step's pytest run: on the CPU, every file (a world of one: no marker);
-    on the (emulated) GPU, the GPU_SUITES' single-process or `dist` tests."""
+    on the (emulated) GPU, the single-process or `dist` tests of `files` (GPU suites)."""
     if device == "cpu":
         return [str(TESTS)] + (["-m", "dist and not gpu"] if dist else [])
-    return [str(TESTS / f) for f in GPU_SUITES] + ["-m", "dist" if dist else "gpu and not dist"]
+    return [str(TESTS / f) for f in files] + ["-m", "dist" if dist else "gpu and not dist"]
 
 
 def environment(device: str) -> dict[str, str]:
     env = dict(os.environ)
     env["SYMCOMM_TEST_BACKEND"] = "torch" if device == "cpu" else "nvshmem"
+    env.pop("SYMCOMM_EMU_MODULE", None)
     if device != "gpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if device == "emulated":
@@ -159,7 +162,8 @@ def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
     return run("emu tsan", cmd, env, [junit], None, timeout)
 
 
-def distributed(work: Path, world: int, device: str, extra: list[str], timeout: float) -> Result:
+def distributed(work: Path, world: int, device: str, extra: list[str], timeout: float,
+                files: tuple[str, ...] = GPU_SUITES) -> Result:
     out = work / f"{device}-w{world}"
     out.mkdir()
     env = environment(device)
@@ -169,9 +173,16 @@ def distributed(work: Path, world: int, device: str, extra: list[str], timeout: 
         env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(100 // world)
     env.setdefault("SYMCOMM_TIMEOUT_S", "120")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--log-dir", str(out / "logs"),
-           "--redirects", "3", "--tee", "0:3", *pytest_args(selection(device, dist=True), out / "rank{rank}.xml", extra)]
+           "--redirects", "3", "--tee", "0:3", *pytest_args(selection(device, True, files), out / "rank{rank}.xml", extra)]
     junit = [out / f"rank{r}.xml" for r in range(world)]
     return run(f"{device} world {world}", cmd, env, junit, out / "logs", timeout)
+
+
+def no_heaps_left() -> Result:
+    """The emulated device's heaps are shared-memory segments: none may outlive the runs (the kill of a
+    timed-out run included, whose leftovers the next start would remove)."""
+    left = sorted(p.name for p in Path("/dev/shm").glob("symcomm-emu-*"))
+    return Result("emulated heaps", passed=not left, crashed=f"segments left in /dev/shm: {left}" if left else "")
 
 
 def gpu_present() -> bool:
@@ -201,7 +212,8 @@ def main() -> int:
         results += [distributed(work, w, "cpu", extra, args.timeout) for w in worlds]
         if not args.no_single:
             results.append(single(work, "emulated", extra, args.timeout))
-        results += [distributed(work, w, "emulated", extra, args.timeout) for w in EMULATED_WORLDS]
+        results += [distributed(work, w, "emulated", extra, args.timeout, files) for w, files in EMULATED_RUNS.items()]
+        results.append(no_heaps_left())
     if gpu:
         if not args.no_single:
             results.append(single(work, "gpu", extra, args.timeout))

@@ -57,6 +57,10 @@ def test_the_gpu_runs_collect_every_gpu_suite_and_no_host_only_test(pes):
     assert files == set(run.GPU_SUITES), f"GPU suites with no dist test collected: {sorted(set(run.GPU_SUITES) - files)}"
 
 
+def test_the_emulated_runs_run_gpu_suites():
+    assert all(set(files) <= set(run.GPU_SUITES) for files in run.EMULATED_RUNS.values())
+
+
 def test_the_gpu_single_process_run_is_the_gpu_marked_tests():
     assert collected(gpu=True, dist=False, world=1) == {"test_nvshmem.py", "test_moe_gpu.py"}
 

@@ -155,7 +155,8 @@ def environment() -> dict[str, object]:
     info: dict[str, object] = {
         "backend": runtime.backend(),
         "world_size": runtime.world_size(),
-        "device": str(dev),
+        # The emulated device runs the kernels on the CPU: its rows check correctness, its times are no GPU's.
+        "device": "emulated (csrc/emu/ on the CPU: times are not GPU numbers)" if runtime.emulated() else str(dev),
         "torch": torch.__version__,
         "pg_backend": str(dist.get_backend()),
     }
