@@ -198,6 +198,23 @@ def test_killed_run_leftover_is_replaced():
     assert segments(job) == []
 
 
+def test_killed_run_leftover_is_removed_by_the_next_start_of_any_job():
+    """Runs name their jobs afresh (symcomm.init does), so the next start of another job removes it."""
+    job = new_job()
+    alone = spawn(_start_alone, job)
+    try:
+        deadline = time.monotonic() + GROUP_TIMEOUT_S
+        while not segments(job) and alone.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # its creator records its pid right after sizing it
+        os.kill(alone.pid, signal.SIGKILL)
+    finally:
+        alone.join(10)
+    assert segments(job) == [f"/dev/shm/symcomm-emu-{job}-0"]
+    run_pes(_kernels, range(2), 2, new_job(), 7)
+    assert segments(job) == []
+
+
 def _start_fails(pe: int, npes: int, job: str, timeout_s: float):
     emu = H.ext().emu
     t0 = time.monotonic()

@@ -2,6 +2,7 @@
 // threads, CUDA threads as fibers, traps, and the few CUDA runtime and NVSHMEM calls the core makes.
 #include "emu/runtime.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -566,6 +567,30 @@ Mapping map_segment(const std::string& name) {
   return {static_cast<char*>(p), static_cast<std::size_t>(st.st_size)};
 }
 
+// Removes the segments of killed runs of any job (runs name their jobs afresh, so a leftover's name
+// never comes again): those whose creator recorded its pid and has died. Others' segments, which
+// this user may not open, and segments still being created are left alone.
+void remove_leftovers() {
+  DIR* dir = opendir("/dev/shm");
+  if (dir == nullptr) return;
+  while (const dirent* entry = readdir(dir)) {
+    const std::string name = std::string("/") + entry->d_name;
+    if (name.rfind("/symcomm-emu-", 0) != 0) continue;
+    const int fd = shm_open(name.c_str(), O_RDONLY, 0);
+    if (fd < 0) continue;
+    struct stat st {};
+    void* p = fstat(fd, &st) == 0 && static_cast<std::size_t>(st.st_size) >= kHeaderBytes
+                  ? mmap(nullptr, kHeaderBytes, PROT_READ, MAP_SHARED, fd, 0)
+                  : MAP_FAILED;
+    close(fd);
+    if (p == MAP_FAILED) continue;
+    const std::int64_t pid = static_cast<const Header*>(p)->creator.load(std::memory_order_acquire);
+    munmap(p, kHeaderBytes);
+    if (pid != 0 && !alive(pid)) shm_unlink(name.c_str());
+  }
+  closedir(dir);
+}
+
 // The local PE's segment, zeroed, in place of a killed run's leftover.
 void create_segment(World& w, const std::string& job, std::uint64_t deadline_ns) {
   const std::string name = segment_name(job, w.local);
@@ -621,6 +646,7 @@ void connect(World& w, const std::string& job, double timeout_s) {
   const std::string me = "emulated PE " + std::to_string(w.local) + " of job '" + job + "'";
   std::ostringstream within;
   within << " within " << timeout_s << " s";
+  remove_leftovers();
   create_segment(w, job, deadline);
   std::vector<int> missing;
   for (int q = 0; q < w.npes; ++q)
