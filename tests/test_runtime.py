@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import symcomm
+from symcomm import runtime
 
 
 @pytest.fixture
@@ -67,6 +68,19 @@ def test_nvshmem_backend_without_gpu_says_why(fresh):
         symcomm.init(backend="nvshmem")
     assert not symcomm.is_initialized()
     assert symcomm.init(backend="auto") == "torch"
+
+
+def test_the_emulated_device_is_chosen_by_its_variable_only(fresh, monkeypatch, tmp_path):
+    assert not runtime.emulated()
+    monkeypatch.setenv(runtime.EMU_MODULE_ENV, str(tmp_path / "missing.so"))
+    runtime.load_extension.cache_clear()
+    try:
+        assert runtime.emulated()
+        with pytest.raises(RuntimeError, match=r"the emulated device could not be loaded \(SYMCOMM_EMU_MODULE="):
+            symcomm.init(backend="nvshmem")
+        assert not symcomm.is_initialized()
+    finally:
+        runtime.load_extension.cache_clear()
 
 
 @pytest.mark.parametrize(
