@@ -4,6 +4,7 @@ Every rank builds every rank's tokens and expert choices from `gen`, with token 
 across ranks, and computes the expected slots, counts and outputs itself, pair by pair.
 """
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -354,12 +355,27 @@ def test_layer_matches_dense_forward_and_backward(world, gen, dtype, renormalize
         assert_close(w.grad, ref.grad[me * local:(me + 1) * local])
 
 
+@pytest.mark.parametrize("shape", [(2, 3), (1, 2, 2), (0, 4)], ids=["batch-seq", "4-d", "empty"])
+def test_layer_takes_leading_dimensions(world, gen, dtype, shape):
+    """As Hugging Face MoE blocks: x [..., H] -> [..., H], the same as on the flat tokens."""
+    full = full_weights(gen, dtype)
+    layer = ExpertParallelMoE.from_dense(*(w.to(dtype).to(world.device) for w in full), K, True, MAX_TOKENS)
+    flat = unambiguous_tokens(gen, math.prod(shape), full[0], dtype).to(dtype).to(world.device)
+    x = flat.view(*shape, H).requires_grad_()
+    y = layer(x)
+    assert y.shape == x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(y.detach().reshape(-1, H), layer(flat), rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    assert x.grad.shape == x.shape and not x.grad.isnan().any()
+
+
 def test_layer_bad_input(world, gen, dtype):
     weights = [w.to(dtype).to(world.device) for w in full_weights(gen, dtype)]
     layer = ExpertParallelMoE.from_dense(*weights, K, True, MAX_TOKENS)
     with pytest.raises(ValueError, match=rf"x has {MAX_TOKENS + 1} tokens, more than max_tokens_per_rank={MAX_TOKENS}"):
         layer(torch.randn(MAX_TOKENS + 1, H).to(dtype).to(world.device))
-    with pytest.raises(ValueError, match=r"x must be \[T, hidden_size=16\], got \(2, 8\)"):
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., hidden_size=16\], got \(2, 8\)"):
         layer(torch.randn(2, 8).to(dtype).to(world.device))
     with pytest.raises(TypeError, match=rf"x has dtype torch.float64; the layer's buffers hold {dtype}"):
         layer(torch.randn(2, H, dtype=F64).to(world.device))

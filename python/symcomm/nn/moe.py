@@ -114,7 +114,8 @@ class ExpertParallelMoE(nn.Module):
     holds experts [r * E / N, (r + 1) * E / N): w_gate and w_up [E_local, F, H], w_down
     [E_local, H, F]; their gradients are complete (they come from every rank's tokens).
 
-    forward(x [T, H]) -> [T, H], T <= max_tokens_per_rank, T may differ across ranks and be 0.
+    forward(x [..., H]) -> [..., H], as Hugging Face MoE blocks take it (e.g. [batch, seq, H]): the
+    T tokens of x's leading dimensions, T <= max_tokens_per_rank; T may differ across ranks and be 0.
     It is collective: every rank calls it once per step.
 
     The constructor allocates the exchange buffers, `exchange.expert_x` and `exchange.expert_y`
@@ -189,8 +190,12 @@ class ExpertParallelMoE(nn.Module):
                                        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down))}})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"ExpertParallelMoE: x must be [T, hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"ExpertParallelMoE: x must be [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}")
+        return self._tokens(x.reshape(-1, self.hidden_size)).view(x.shape)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """forward on x [T, H]."""
         if x.dtype != self.exchange.expert_x.dtype:
             raise TypeError(f"ExpertParallelMoE: x has dtype {x.dtype}; the layer's buffers hold "
                             f"{self.exchange.expert_x.dtype}")
