@@ -20,6 +20,17 @@ def test_every_benchmark_runs_and_checks_its_output(world, name, tmp_path):
     n = 3 * (3 if name == "all-reduce" and world.backend == "nvshmem" else 1)
     assert [r.count for r in rows] == sorted(r.count for r in rows) and len(rows) == n
     assert all(r.correct and r.time_us > 0 and r.baseline_us > 0 for r in rows)
+    for r in rows:
+        # Each side's bandwidth from its own time: a baseline twice as slow has half the bandwidth.
+        assert r.baseline_busbw_gbs * r.baseline_us == pytest.approx(r.busbw_gbs * min(r.time_us, r.graph_us or r.time_us))
+    # The plot draws exactly the table's columns.
+    drawn = harness.series(rows, header, "baseline")
+    for label, xs, ys in drawn[:-1]:
+        algorithm = label.rsplit(", ", 1)[1][:-1]
+        assert (xs, ys) == ([r.bytes for r in rows if r.algorithm == algorithm],
+                            [r.busbw_gbs for r in rows if r.algorithm == algorithm])
+    assert drawn[-1][1:] == (list(dict.fromkeys(r.bytes for r in rows)),
+                             list(dict((r.bytes, r.baseline_busbw_gbs) for r in rows).values()))
     if world.rank == 0:
         json_path, csv_path, png_path = harness.write(tmp_path, name, rows, header, "baseline")
         assert len(json.loads(json_path.read_text())["rows"]) == n
@@ -35,7 +46,7 @@ def test_parse_bytes():
 
 def test_measured_cut_is_the_largest_size_where_one_shot_wins():
     def row(algorithm, nbytes, t):
-        return harness.Row("all-reduce", algorithm, nbytes, 1, "bfloat16", t, t, 1, 1, 1, 1, None, True)
+        return harness.Row("all-reduce", algorithm, nbytes, 1, "bfloat16", t, t, 1, 1, 1, 1, 1, None, True)
 
     rows = [row("one_shot", 1024, 5), row("two_shot", 1024, 9), row("one_shot", 4096, 8), row("two_shot", 4096, 8),
             row("one_shot", 16384, 20), row("two_shot", 16384, 12), row("auto/one_shot", 65536, 1)]

@@ -136,7 +136,8 @@ def run(name: str, bench: Bench, args, header: dict) -> list[harness.Row]:
                         moved += 2 * count * itemsize  # staging copy
                     hbm = moved * ranks_per_gpu / best / 1e3 / header["d2d_copy_gbs"]
                 rows.append(harness.Row(name, label, size, count, args.dtype, eager, graph, algbw,
-                                        algbw * bench.bus_factor(world), base, base / best, hbm, correct))
+                                        algbw * bench.bus_factor(world), base,
+                                        size / base / 1e3 * bench.bus_factor(world), base / best, hbm, correct))
                 progress.advance()
             if args.symmetric:
                 symcomm.free(x)

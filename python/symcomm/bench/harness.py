@@ -28,6 +28,7 @@ class Row:
     algbw_gbs: float  # from the better of the two times
     busbw_gbs: float
     baseline_us: float
+    baseline_busbw_gbs: float  # from the baseline's own time
     speedup: float  # baseline time / our better time
     hbm_fraction: float | None  # bytes the algorithm moves through HBM / time / measured copy bandwidth
     correct: bool
@@ -186,7 +187,7 @@ def table(rows: list[Row]) -> str:
         ("algorithm", lambda r: r.algorithm, ""), ("eager (us)", lambda r: r.time_us, ".1f"),
         ("graph (us)", lambda r: r.graph_us, ".1f"), ("algbw GB/s", lambda r: r.algbw_gbs, ".2f"),
         ("busbw GB/s", lambda r: r.busbw_gbs, ".2f"), ("base (us)", lambda r: r.baseline_us, ".1f"),
-        ("speedup", lambda r: r.speedup, ".2f"), ("of copy", lambda r: r.hbm_fraction, ".0%"),
+        ("base busbw", lambda r: r.baseline_busbw_gbs, ".2f"), ("speedup", lambda r: r.speedup, ".2f"), ("of copy", lambda r: r.hbm_fraction, ".0%"),
         ("check", lambda r: check(r.correct), ""),
     ])
 
@@ -211,6 +212,18 @@ def write(out_dir: Path, stem: str, rows: list[Row], header: dict[str, object], 
     return [*paths, png]
 
 
+def series(rows: list[Row], header: dict[str, object], baseline: str) -> list[tuple[str, list, list]]:
+    """What the plot draws, (label, sizes, bus bandwidths): columns of the table, nothing computed anew."""
+    out = []
+    for algorithm in dict.fromkeys(r.algorithm for r in rows):
+        mine = [r for r in rows if r.algorithm == algorithm]
+        out.append((f"symcomm ({header['backend']}, {algorithm})", [r.bytes for r in mine], [r.busbw_gbs for r in mine]))
+    # The baseline is timed once per size, whatever the algorithm.
+    sizes = dict((r.bytes, r.baseline_busbw_gbs) for r in rows)
+    out.append((f"baseline ({baseline})", list(sizes), list(sizes.values())))
+    return out
+
+
 def _plot(path: Path, stem: str, rows: list[Row], header: dict[str, object], baseline: str) -> None:
     import matplotlib
 
@@ -218,12 +231,8 @@ def _plot(path: Path, stem: str, rows: list[Row], header: dict[str, object], bas
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for algorithm in dict.fromkeys(r.algorithm for r in rows):
-        mine = [r for r in rows if r.algorithm == algorithm]
-        ax.plot([r.bytes for r in mine], [r.busbw_gbs for r in mine], "o-",
-                label=f"symcomm ({header['backend']}, {algorithm})")
-    first = [r for r in rows if r.algorithm == rows[0].algorithm]
-    ax.plot([r.bytes for r in first], [r.busbw_gbs * r.speedup for r in first], "s--", label=f"baseline ({baseline})")
+    for label, xs, ys in series(rows, header, baseline):
+        ax.plot(xs, ys, "s--" if label.startswith("baseline") else "o-", label=label)
     if "d2d_copy_gbs" in header:
         ax.axhline(header["d2d_copy_gbs"], color="grey", lw=0.8, label="device-to-device copy")
     ax.set_xscale("log", base=2)
