@@ -126,6 +126,12 @@ MUTATIONS = {
     "a weight shard that is a view of the full weight": (
         "python/symcomm/nn/sharding.py", "return t.narrow(dim, rank * size, size).clone()",
         "return t.narrow(dim, rank * size, size)", "test_model.py -k copies"),
+    "the collective plot draws the baseline as busbw x speedup": (
+        "python/symcomm/bench/harness.py", "sizes = dict((r.bytes, r.baseline_busbw_gbs) for r in rows)",
+        "sizes = dict((r.bytes, r.busbw_gbs * r.speedup) for r in rows)", "test_bench.py"),
+    "the MoE plot draws our latency as the baseline's": (
+        "python/symcomm/bench/moe.py", '[getattr(r, f"base_{op}_us") for r in mine]',
+        '[getattr(r, f"{op}_us") for r in mine]', "test_bench_moe.py"),
     # The whole path on the emulated device: torch.ops -> host side -> bindings -> kernels.
     "a one-shot all-reduce that leaves out the last PE": (
         "csrc/collectives/collectives.cu", "sum_range<T, N>(src, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);",

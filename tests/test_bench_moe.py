@@ -21,7 +21,16 @@ def test_rows_are_timed_checked_and_written(world, tmp_path, monkeypatch, capsys
     moe.main(argparse.Namespace(dtype=None, warmup=1, iters=2, out=tmp_path, backend=world.backend))
     if world.rank != 0:
         return
-    rows = json.loads((tmp_path / f"moe-w{world.world_size}.json").read_text())["rows"]
+    written = json.loads((tmp_path / f"moe-w{world.world_size}.json").read_text())
+    rows = written["rows"]
+    # The plot draws exactly the table's columns: per op and config, ours then the baseline's latencies.
+    for op, lines in moe.series([moe.Row(**r) for r in rows], written["header"]).items():
+        expected = []
+        for config in ("tiny", "tiny-top1"):
+            mine = [r for r in rows if r["config"] == config]
+            expected += [([r["tokens"] for r in mine], [r[f"{op}_us"] for r in mine]),
+                         ([r["tokens"] for r in mine], [r[f"base_{op}_us"] for r in mine])]
+        assert [(xs, ys) for _, xs, ys in lines] == expected
     assert [(r["config"], r["tokens"]) for r in rows] == [("tiny", 1), ("tiny", 5), ("tiny-top1", 1), ("tiny-top1", 5)]
     assert all(r["correct"] for r in rows)
     assert all(r["dispatch_us"] > 0 and r["base_combine_us"] > 0 and r["capacity"] >= 1 for r in rows)

@@ -241,21 +241,30 @@ def write(out_dir: Path, stem: str, rows: list[Row], header: dict) -> list[Path]
     return [*paths, png]
 
 
+def series(rows: list[Row], header: dict) -> dict[str, list[tuple[str, list, list]]]:
+    """What the plot draws per shape, (label, M, times): columns of the table."""
+    out = {}
+    for shape in dict.fromkeys(r.shape for r in rows):
+        mine = [r for r in rows if r.shape == shape]
+        out[shape] = [(label, [r.m for r in mine], [getattr(r, field) for r in mine])
+                      for field, label in (("fused_us", "fused (the op)"), ("unfused_us", "matmul + our collective"),
+                                           ("baseline_us", f"baseline ({header['baseline']})"),
+                                           ("matmul_us", "matmul alone"))]
+    return out
+
+
 def _plot(path: Path, stem: str, rows: list[Row], header: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(r.shape for r in rows))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes) + 1, 4.5), squeeze=False, sharey=True)
-    for ax, shape in zip(axes[0], shapes):
+    drawn = series(rows, header)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(4 * len(drawn) + 1, 4.5), squeeze=False, sharey=True)
+    for ax, (shape, lines) in zip(axes[0], drawn.items()):
         mine = [r for r in rows if r.shape == shape]
-        for field, style, label in (("fused_us", "o-", "fused (the op)"),
-                                    ("unfused_us", "s--", "matmul + our collective"),
-                                    ("baseline_us", "^:", f"baseline ({header['baseline']})"),
-                                    ("matmul_us", "x-", "matmul alone")):
-            ax.plot([r.m for r in mine], [getattr(r, field) for r in mine], style, label=label)
+        for (label, ms, times), style in zip(lines, ("o-", "s--", "^:", "x-")):
+            ax.plot(ms, times, style, label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("M")

@@ -160,6 +160,20 @@ def write(out_dir: Path, stem: str, rows: list[Row], header: dict) -> list[Path]
     return [*paths, png]
 
 
+def series(rows: list[Row], header: dict) -> dict[str, list[tuple[str, list, list]]]:
+    """What the plot draws per op, (label, tokens, latencies): columns of the table, ours then the
+    baseline's for each config."""
+    out = {}
+    for op in ("dispatch", "combine"):
+        out[op] = []
+        for config in dict.fromkeys(r.config for r in rows):
+            mine = [r for r in rows if r.config == config]
+            tokens = [r.tokens for r in mine]
+            out[op] += [(f"{config} ({header['backend']})", tokens, [getattr(r, f"{op}_us") for r in mine]),
+                        (f"{config} (baseline)", tokens, [getattr(r, f"base_{op}_us") for r in mine])]
+    return out
+
+
 def _plot(path: Path, rows: list[Row], header: dict) -> None:
     import matplotlib
 
@@ -167,14 +181,10 @@ def _plot(path: Path, rows: list[Row], header: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, op in zip(axes, ("dispatch", "combine")):
-        for config in dict.fromkeys(r.config for r in rows):
-            mine = [r for r in rows if r.config == config]
-            tokens = [r.tokens for r in mine]
-            line, = ax.plot(tokens, [getattr(r, f"{op}_us") for r in mine], "o-",
-                            label=f"{config} ({header['backend']})")
-            ax.plot(tokens, [getattr(r, f"base_{op}_us") for r in mine], "s--", color=line.get_color(),
-                    label=f"{config} (baseline)")
+    for ax, (op, drawn) in zip(axes, series(rows, header).items()):
+        for (label, tokens, ours), (base_label, _, base) in zip(drawn[::2], drawn[1::2]):
+            line, = ax.plot(tokens, ours, "o-", label=label)
+            ax.plot(tokens, base, "s--", color=line.get_color(), label=base_label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens per rank")
