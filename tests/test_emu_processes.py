@@ -173,10 +173,9 @@ def _start_alone(job: str) -> None:
     H.ext().emu.start_process(0, 2, HEAP, job, GROUP_TIMEOUT_S)
 
 
-def test_killed_run_leftover_is_replaced():
-    """PE 0 waits for a PE 1 that never comes: its segment, named, belongs to a live process and may not
-    be taken; killed, it leaves the segment behind, and the next run of the job replaces it."""
-    job = new_job()
+def killed_run(job: str, while_alive=lambda pid: None) -> None:
+    """A PE 0 of `job` that waits for a PE 1 that never comes, SIGKILLed once its segment is there
+    (after while_alive(its pid)): the segment stays behind."""
     alone = spawn(_start_alone, job)
     try:
         deadline = time.monotonic() + GROUP_TIMEOUT_S
@@ -184,8 +183,7 @@ def test_killed_run_leftover_is_replaced():
             time.sleep(0.02)
         assert segments(job) == [f"/dev/shm/symcomm-emu-{job}-0"]
         time.sleep(0.2)  # its creator records its pid right after sizing it
-        with pytest.raises(RuntimeError, match=f"belongs to process {alone.pid}, which is alive"):
-            H.ext().emu.start_process(0, 2, HEAP, job, 1.0)
+        while_alive(alone.pid)
         os.kill(alone.pid, signal.SIGKILL)
     finally:
         alone.join(10)
@@ -194,6 +192,18 @@ def test_killed_run_leftover_is_replaced():
             alone.join()
     assert alone.exitcode == -signal.SIGKILL
     assert segments(job) == [f"/dev/shm/symcomm-emu-{job}-0"]
+
+
+def test_killed_run_leftover_is_replaced():
+    """A live PE's segment may not be taken; killed, it leaves the segment behind, and the next run of
+    the job replaces it."""
+    job = new_job()
+
+    def taken(pid):
+        with pytest.raises(RuntimeError, match=f"belongs to process {pid}, which is alive"):
+            H.ext().emu.start_process(0, 2, HEAP, job, 1.0)
+
+    killed_run(job, taken)
     run_pes(_kernels, range(2), 2, job, 7)
     assert segments(job) == []
 
@@ -201,16 +211,7 @@ def test_killed_run_leftover_is_replaced():
 def test_killed_run_leftover_is_removed_by_the_next_start_of_any_job():
     """Runs name their jobs afresh (symcomm.init does), so the next start of another job removes it."""
     job = new_job()
-    alone = spawn(_start_alone, job)
-    try:
-        deadline = time.monotonic() + GROUP_TIMEOUT_S
-        while not segments(job) and alone.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)  # its creator records its pid right after sizing it
-        os.kill(alone.pid, signal.SIGKILL)
-    finally:
-        alone.join(10)
-    assert segments(job) == [f"/dev/shm/symcomm-emu-{job}-0"]
+    killed_run(job)
     run_pes(_kernels, range(2), 2, new_job(), 7)
     assert segments(job) == []
 
