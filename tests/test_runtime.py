@@ -74,13 +74,16 @@ def test_the_emulated_device_is_chosen_by_its_variable_only(fresh, monkeypatch, 
     assert not runtime.emulated()
     monkeypatch.setenv(runtime.EMU_MODULE_ENV, str(tmp_path / "missing.so"))
     runtime.load_extension.cache_clear()
+    runtime.emulated.cache_clear()
     try:
         assert runtime.emulated()
         with pytest.raises(RuntimeError, match=r"the emulated device could not be loaded \(SYMCOMM_EMU_MODULE="):
             symcomm.init(backend="nvshmem")
         assert not symcomm.is_initialized()
     finally:
+        monkeypatch.delenv(runtime.EMU_MODULE_ENV)
         runtime.load_extension.cache_clear()
+        runtime.emulated.cache_clear()
 
 
 @pytest.mark.parametrize(

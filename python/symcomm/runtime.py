@@ -97,6 +97,7 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
 
 
+@functools.cache  # asked on every launch; fixed for the process, as the extension load_extension picks
 def emulated() -> bool:
     """Whether the nvshmem backend runs on the emulated device (SYMCOMM_EMU_MODULE is set)."""
     return bool(os.environ.get(EMU_MODULE_ENV))
@@ -233,9 +234,10 @@ def _start_emulated_host(state: _State, workspace_bytes: int) -> None:
     # The segments are named for this job: rank 0's pid and the moment, the same on every rank.
     box = [f"{os.getpid()}-{time.monotonic_ns()}"]
     dist.broadcast_object_list(box, src=0)
-    load_extension().emu.start_process(state.rank, state.world_size, heap_bytes, box[0], state.timeout_s)
+    emu = load_extension().emu
+    emu.start_process(state.rank, state.world_size, heap_bytes, box[0], state.timeout_s)
     state.nvshmem_up = True
-    state.heap = (load_extension().emu.heap(state.rank), heap_bytes)
+    state.heap = (emu.heap(state.rank), heap_bytes)
     state.free_blocks = {0: heap_bytes}
 
 
