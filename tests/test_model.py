@@ -1,5 +1,5 @@
-"""The tensor-parallel Llama against the dense reference, shards that own their memory, and
-shard_state_dict.
+"""The tensor-parallel Llama against the dense reference, decode through the KV cache, shards that
+own their memory, and shard_state_dict.
 
 The model tests run on every rank (dist); the shard_state_dict tests are pure and run once, for
 every rank of worlds 1, 2 and 4.
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import symcomm
 from symcomm import nn as snn
+from symcomm.nn.sharding import kv_heads_of_rank
 
 F64 = torch.float64
 # num_kv_heads=2 < 4 ranks: at world 4 each kv head is replicated on two ranks.
@@ -85,6 +86,78 @@ def test_model_positions_and_bad_sequence(world, gen):
             model(ids[:, :1].repeat(1, 9))
     with pytest.raises(ValueError, match="sequence_parallel needs plan 'full'"):
         snn.ParallelLlama(CONFIG, plan="ffn_only", sequence_parallel=True)
+
+
+def cached_decode(model, ids, prefill, cache):
+    """Logits of ids [B, T]: a prefill of its first `prefill` tokens into cache, then one token per step."""
+    out = [model(ids[:, :prefill], cache=cache)]
+    for t in range(prefill, ids.shape[1]):
+        out.append(model(ids[:, t:t + 1], torch.tensor([t], device=ids.device), cache=cache))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("plan", ["dense", "full", "ffn_only"])
+def test_cached_decode_matches_forward(world, gen, plan):
+    """Prefill then one token per step through the KV cache gives the uncached forward's logits, also
+    with a cache holding a longer, different sequence from before (its stale positions are masked)."""
+    state = snn.random_state_dict(BIAS_CONFIG, gen, F64)
+    if plan == "dense":
+        model = dense_model(state, BIAS_CONFIG)
+    else:
+        model = snn.ParallelLlama.from_state_dict(BIAS_CONFIG, state, plan=plan)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 11), generator=gen)
+    ref = dense_model(state, BIAS_CONFIG)(ids)
+    cache = model.new_cache(2, 16)
+    kv_heads = BIAS_CONFIG.num_kv_heads
+    if plan == "full":
+        kv_heads = len(kv_heads_of_rank(CONFIG.num_heads, kv_heads, world.rank, world.world_size))
+    assert [c.k.shape for c in cache] == [(2, 16, kv_heads, CONFIG.hidden_size // CONFIG.num_heads)] * CONFIG.num_layers
+    model(torch.randint(0, CONFIG.vocab_size, (2, 16), generator=gen), cache=cache)
+    for prefill in (7, 1):
+        close(cached_decode(model, ids, prefill, cache), ref)
+
+
+@pytest.mark.dist
+def test_cache_errors(world, gen):
+    model = snn.ParallelLlama.from_state_dict(CONFIG, snn.random_state_dict(CONFIG, gen, F64))
+    cache = model.new_cache(2, 8)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 1), generator=gen)
+    with pytest.raises(ValueError, match=re.escape("positions must lie in [0, 8) (the cache's capacity), got [8]")):
+        model(ids, torch.tensor([8]), cache=cache)
+    with pytest.raises(ValueError, match=re.escape("positions must be 1-D [S]")):
+        model(ids, torch.tensor([[3], [4]]), cache=cache)
+    with pytest.raises(ValueError, match=re.escape("do not fit a cache of shape (2, 8")):
+        model(ids[:1], torch.tensor([3]), cache=cache)
+    with pytest.raises(ValueError, match="cache has 1 layers, the model 2"):
+        model(ids, torch.tensor([3]), cache=cache[:1])
+
+
+@pytest.mark.dist
+@pytest.mark.gpu
+@pytest.mark.real_gpu("CUDA graphs")
+def test_cached_decode_step_in_a_cuda_graph(world, gen):
+    """One decode step (the symcomm ops inside) captured once and replayed at later positions."""
+    state = {k: v.float().to(world.device) for k, v in snn.random_state_dict(CONFIG, gen).items()}
+    model = snn.ParallelLlama.from_state_dict(CONFIG, state)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=gen).to(world.device)
+    ref = model(ids)
+    cache = model.new_cache(2, 16)
+    model(ids[:, :8], cache=cache)
+    token, position = ids[:, 8:9].clone(), torch.tensor([8], device=world.device)
+    stream = torch.cuda.Stream(world.device)
+    stream.wait_stream(torch.cuda.current_stream(world.device))
+    with torch.cuda.stream(stream):
+        model(token, position, cache=cache)  # warm up outside the capture
+    torch.cuda.current_stream(world.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(token, position, cache=cache)
+    for t in range(8, 12):
+        token.copy_(ids[:, t:t + 1])
+        position.fill_(t)
+        graph.replay()
+        torch.testing.assert_close(logits[:, 0], ref[:, t], rtol=1e-4, atol=1e-4)
 
 
 def assert_copy(shard, full, name):

@@ -1,7 +1,7 @@
 """Tensor-parallel layers over torch.ops.symcomm: every rank of symcomm's world is one
 tensor-parallel rank, and each layer's from_dense() takes the full (unsharded) module."""
 
-from symcomm.nn.attention import Attention, ParallelAttention
+from symcomm.nn.attention import Attention, KVCache, ParallelAttention
 from symcomm.nn.comm import (
     copy_to_tp,
     gather_from_sp,
@@ -31,6 +31,7 @@ __all__ = [
     "DecoderLayer",
     "DenseLlama",
     "ExpertParallelMoE",
+    "KVCache",
     "LlamaConfig",
     "MLP",
     "ParallelAttention",

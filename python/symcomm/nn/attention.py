@@ -23,14 +23,60 @@ def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torc
     return x * angles.cos().to(x.dtype) + torch.cat((-second, first), -1) * angles.sin().to(x.dtype)
 
 
+class KVCache:
+    """The rotated keys and values of one attention module's kv heads (on a tensor-parallel rank, the
+    kv heads that rank computes) for positions [0, capacity): k and v are [B, capacity, kv_heads, D].
+
+    A forward pass with a cache writes its tokens' keys and values at their positions and attends to
+    every cached position up to each query's own, so a prompt is prefilled once and then one token is
+    decoded per step. Shapes stay fixed from step to step and positions are a tensor, so that a decode
+    step can be captured in a CUDA graph and replayed with new positions. Positions past a query's are
+    masked, so a cache can be reused for a new sequence without clearing it.
+    """
+
+    def __init__(self, batch: int, capacity: int, kv_heads: int, head_dim: int, *, device=None, dtype=None) -> None:
+        # Zeros, not empty: a masked entry still enters the attention product with weight 0, and 0 * NaN
+        # would poison it.
+        self.k = torch.zeros(batch, capacity, kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Stores k, v [B, S, kv_heads, D] at positions [S]; returns every cached key and value, and
+        the mask [S, capacity] of the positions each query may attend to."""
+        if positions.dim() != 1:
+            raise ValueError(f"KVCache: positions must be 1-D [S] (the same for every sequence of the batch), got "
+                             f"shape {tuple(positions.shape)}")
+        if k.shape[0] != self.k.shape[0] or k.shape[2:] != self.k.shape[2:]:
+            raise ValueError(f"KVCache: keys of shape {tuple(k.shape)} do not fit a cache of shape "
+                             f"{tuple(self.k.shape)} ([batch, capacity, kv_heads, head_dim])")
+        # Value checks need the values on the host: for CPU tensors only, as for every value check.
+        if positions.device.type == "cpu" and positions.numel():
+            if int(positions.min()) < 0 or int(positions.max()) >= self.capacity:
+                raise ValueError(f"KVCache: positions must lie in [0, {self.capacity}) (the cache's capacity), got "
+                                 f"{positions.tolist()}")
+        self.k.index_copy_(1, positions, k.to(self.k.dtype))
+        self.v.index_copy_(1, positions, v.to(self.v.dtype))
+        mask = torch.arange(self.capacity, device=positions.device) <= positions[:, None]
+        return self.k, self.v, mask
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     theta: float) -> torch.Tensor:
-    """Causal softmax attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D]; returns [B, S, Hq * D]."""
+                     theta: float, cache: KVCache | None = None) -> torch.Tensor:
+    """Causal softmax attention of q [B, S, Hq, D] over k, v [B, S, Hkv, D], or with a cache over
+    every cached position up to each query's; returns [B, S, Hq * D]."""
     q, k = apply_rotary(q, positions, theta), apply_rotary(k, positions, theta)
+    mask = None
+    if cache is not None:
+        k, v, mask = cache.update(k, v, positions)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return out.transpose(1, 2).flatten(2)
 
 
 class _SelfAttention(nn.Module):
@@ -42,7 +88,8 @@ class _SelfAttention(nn.Module):
     rope_theta: float
     sequence_first: bool
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.sequence_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
@@ -51,8 +98,13 @@ class _SelfAttention(nn.Module):
             positions = torch.arange(seq, device=x.device)
         out = causal_attention(q.unflatten(-1, (self.heads, self.head_dim)),
                                k.unflatten(-1, (self.kv_heads, self.head_dim)),
-                               v.unflatten(-1, (self.kv_heads, self.head_dim)), positions, self.rope_theta)
+                               v.unflatten(-1, (self.kv_heads, self.head_dim)), positions, self.rope_theta, cache)
         return self.o_proj(out.transpose(0, 1) if self.sequence_first else out)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache of this module's kv heads for `batch` sequences of up to `capacity` tokens."""
+        w = self.k_proj.weight
+        return KVCache(batch, capacity, self.kv_heads, self.head_dim, device=w.device, dtype=w.dtype)
 
 
 class Attention(_SelfAttention):

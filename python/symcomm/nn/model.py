@@ -12,7 +12,7 @@ from torch import nn
 
 from symcomm import runtime
 from symcomm.nn import comm
-from symcomm.nn.attention import Attention, ParallelAttention
+from symcomm.nn.attention import Attention, KVCache, ParallelAttention
 from symcomm.nn.embedding import VocabParallelEmbedding
 from symcomm.nn.linear import ColumnParallelLinear
 from symcomm.nn.mlp import MLP, ParallelMLP
@@ -42,8 +42,9 @@ def _attention_args(c: LlamaConfig) -> dict:
 class _DecoderLayer(nn.Module):
     """Pre-norm residual block: h + attn(norm(h)), then h + mlp(norm(h))."""
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions)
+    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -104,17 +105,27 @@ class _CausalLM(nn.Module):
         self.model.embed_tokens, self.model.layers, self.model.norm = embed_tokens, nn.ModuleList(layers), norm
         self.lm_head = lm_head
 
-    def _logits(self, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    def new_cache(self, batch: int, capacity: int) -> list[KVCache]:
+        """An empty KV cache, one per layer, for `batch` sequences of up to `capacity` tokens; pass it
+        to forward with each step's positions (prefill: 0..S-1, then one token at a time)."""
+        return [layer.self_attn.new_cache(batch, capacity) for layer in self.model.layers]
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor | None,
+                cache: list[KVCache] | None) -> torch.Tensor:
         seq_first = self.sequence_parallel
+        if cache is not None and len(cache) != len(self.model.layers):
+            raise ValueError(f"{type(self).__name__}: cache has {len(cache)} layers, the model "
+                             f"{len(self.model.layers)} (make it with new_cache)")
         h = self.model.embed_tokens(ids.t() if seq_first else ids)
-        for layer in self.model.layers:
-            h = layer(h, positions)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, positions, None if cache is None else cache[i])
         logits = self.lm_head(self.model.norm(h))
         return logits.transpose(0, 1) if seq_first else logits
 
 
 class DenseLlama(_CausalLM):
-    """The dense, single-process Llama reference: forward(ids [B, S]) -> logits [B, S, vocab]."""
+    """The dense, single-process Llama reference: forward(ids [B, S]) -> logits [B, S, vocab]; with a
+    cache (new_cache), decoding as ParallelLlama does."""
 
     def __init__(self, config: LlamaConfig, *, device=None, dtype=None) -> None:
         c, kw = config, dict(device=device, dtype=dtype)
@@ -123,8 +134,9 @@ class DenseLlama(_CausalLM):
                          RMSNorm(c.hidden_size, c.rms_norm_eps, **kw),
                          nn.Linear(c.hidden_size, c.vocab_size, bias=False, **kw))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self._logits(ids, positions)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
+        return self._logits(ids, positions, cache)
 
 
 class ParallelLlama(_CausalLM):
@@ -160,15 +172,18 @@ class ParallelLlama(_CausalLM):
                                   num_heads=config.num_heads, num_kv_heads=config.num_kv_heads)
         return load_shards(module, shards)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                gather_logits: bool = True) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None, gather_logits: bool = True,
+                cache: list[KVCache] | None = None) -> torch.Tensor:
         """Logits [B, S, vocab] of ids [B, S], equal on every rank; with gather_logits=False and plan
-        "full", this rank's vocabulary shard [B, S, vocab / N] (for vocab_parallel_cross_entropy)."""
+        "full", this rank's vocabulary shard [B, S, vocab / N] (for vocab_parallel_cross_entropy).
+
+        With a cache (new_cache: each rank holds the keys and values of its own kv heads), ids are the
+        new tokens at positions [S] (default 0..S-1, a prefill), e.g. one token per decode step."""
         world = runtime.world_size()
         if self.sequence_parallel and ids.shape[-1] % world:
             raise ValueError(f"ParallelLlama: sequence_parallel needs the sequence length {ids.shape[-1]} to be "
                              f"divisible by the tensor-parallel size {world}")
-        logits = self._logits(ids, positions)
+        logits = self._logits(ids, positions, cache)
         return comm.gather_from_tp(logits) if self.plan == "full" and gather_logits else logits
 
 
