@@ -19,6 +19,7 @@ from symcomm.nn.model import (
     LlamaConfig,
     ParallelDecoderLayer,
     ParallelLlama,
+    choose_plan,
     random_state_dict,
 )
 from symcomm.nn.moe import ExpertParallelMoE, dense_moe
@@ -41,6 +42,7 @@ __all__ = [
     "RMSNorm",
     "RowParallelLinear",
     "VocabParallelEmbedding",
+    "choose_plan",
     "copy_to_tp",
     "dense_moe",
     "gather_from_sp",

@@ -17,7 +17,7 @@ from symcomm.nn.embedding import VocabParallelEmbedding
 from symcomm.nn.linear import ColumnParallelLinear
 from symcomm.nn.mlp import MLP, ParallelMLP
 from symcomm.nn.norm import RMSNorm
-from symcomm.nn.sharding import PLANS, load_shards, shard_state_dict
+from symcomm.nn.sharding import PLANS, check_divisible, kv_heads_of_rank, load_shards, shard_state_dict
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,30 @@ class LlamaConfig:
     # Attention biases (see Attention): Qwen2 has qkv_bias only; Llama's attention_bias sets both.
     qkv_bias: bool = False
     o_proj_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, config) -> LlamaConfig:
+        """The config of a Hugging Face Llama-architecture model (transformers' LlamaConfig, or any
+        object with its attributes); raises ValueError for what these modules do not compute."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # transformers 5 keeps rope settings in rope_parameters; 4.x had rope_theta and rope_scaling.
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        unsupported = {
+            "hidden_act": (getattr(config, "hidden_act", "silu"), "silu"),
+            "head_dim": (head_dim, config.hidden_size // config.num_attention_heads),
+            "rope type": (rope.get("rope_type", rope.get("type", "default")), "default"),
+            "mlp_bias": (getattr(config, "mlp_bias", False), False),
+        }
+        for what, (got, supported) in unsupported.items():
+            if got != supported:
+                raise ValueError(f"LlamaConfig.from_hf: {what}={got!r} is not supported (only {supported!r})")
+        bias = getattr(config, "attention_bias", False)
+        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                   num_heads=config.num_attention_heads,
+                   num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                   rope_theta=rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)),
+                   rms_norm_eps=config.rms_norm_eps, qkv_bias=bias, o_proj_bias=bias)
 
 
 def _attention_args(c: LlamaConfig) -> dict:
@@ -185,6 +209,21 @@ class ParallelLlama(_CausalLM):
                              f"divisible by the tensor-parallel size {world}")
         logits = self._logits(ids, positions, cache)
         return comm.gather_from_tp(logits) if self.plan == "full" and gather_logits else logits
+
+
+def choose_plan(config: LlamaConfig, world_size: int) -> tuple[str, str]:
+    """The plan that splits the most of config over world_size ranks, and why not "full" if it is
+    not: "full" where the heads, the vocabulary and the MLP split, else "ffn_only" (attention and
+    vocabulary replicated) where the MLP does; ValueError if neither."""
+    try:
+        kv_heads_of_rank(config.num_heads, config.num_kv_heads, 0, world_size)
+        check_divisible("ParallelLlama", "vocab_size", config.vocab_size, world_size)
+    except ValueError as e:
+        why = str(e)
+    else:
+        why = ""
+    check_divisible("ParallelLlama", "intermediate_size", config.intermediate_size, world_size)
+    return ("ffn_only", why) if why else ("full", "")
 
 
 def random_state_dict(config: LlamaConfig, generator: torch.Generator,
