@@ -26,6 +26,8 @@ from symcomm.demo.rpc import RpcRunner
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MIN_PCC = 0.9999
+# The process group's timeout: the other ranks wait in a broadcast while rank 0 reads the model.
+TIMEOUT_S = 600.0
 PLAN_TEXT = {"full": "attention by heads, MLPs, embedding and LM head split",
              "ffn_only": "MLPs split, attention and vocabulary replicated"}
 
@@ -112,7 +114,7 @@ def main() -> int:
                        symcomm.rank() == 0)
         finally:
             symcomm.finalize()
-    with RpcRunner(args.tp, DemoRank, *rank_args) as runner:
+    with RpcRunner(args.tp, DemoRank, *rank_args, timeout_s=TIMEOUT_S) as runner:
         return run(lambda method, *a: runner.call(method, *a)[0], args, args.tp,
                    "a single driver (spawned workers, shared-memory RPC)", True)
 
