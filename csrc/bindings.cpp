@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <non_abi/nvshmem_version.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "collectives/collectives.h"
 #include "core/device_state.h"
@@ -68,6 +69,8 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
   m.def("reduce", &call<symcomm::reduce>, collective_doc);
   m.def("gather", &call<symcomm::gather>, collective_doc);
   m.def("two_shot_all_reduce", &call<symcomm::two_shot_all_reduce>, collective_doc);
+  m.def("push_reduce", &call<symcomm::push_reduce>, collective_doc);
+  m.def("push_gather", &call<symcomm::push_gather>, collective_doc);
   m.def("set_max_blocks", &symcomm::set_max_blocks, py::arg("n"));
   m.attr("max_blocks") = symcomm::kMaxBlocks;
   m.attr("max_peers") = symcomm::kMaxPeers;
@@ -95,7 +98,8 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
       "(workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, "
       "stream)");
   m.def("workspace_data_offset", &symcomm::workspace_data_offset);
-  m.def("peers_reachable", &symcomm::peers_reachable, py::arg("workspace"));
+  m.def("reachable_peers", &symcomm::reachable_peers, py::arg("workspace"),
+        "for each PE, whether load/store reaches its copy of the workspace (nvshmem_ptr is not null)");
 
   m.def("gemm_begin", &symcomm::gemm_begin, py::arg("workspace"), py::arg("stream"));
   m.def(

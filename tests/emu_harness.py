@@ -160,17 +160,19 @@ class World:
 def world(npes: int, *, blocks: int = 4, heap_bytes: int = 8 << 20, workspace_bytes: int = 4 << 20,
           threads: int = 0, chaos_seed: int = 0, chaos_rate: float = 0.0, gemm_order: int = 1,
           timeout_s: float = TIMEOUT_S, load_kernels: bool = True, pe: int | None = None, job: str = "",
-          start_timeout_s: float = 60.0):
+          start_timeout_s: float = 60.0, pes_per_node: int = 0):
     """Starts the emulated device in the order runtime.init uses on a GPU: device state, every kernel
     loaded on every PE (the emulation refuses to launch one that is not), the workspace's barrier state
     zeroed, the block cap; stops it afterwards, also after a failure.
 
     With `pe`, this process hosts PE `pe` only, and the others are processes that call this with the
-    same `job` (emu.start_process, which waits up to start_timeout_s for them)."""
+    same `job` (emu.start_process, which waits up to start_timeout_s for them). With pes_per_node, the
+    PEs sit on nodes of that many, and load/store does not reach across them."""
     e = ext()
     if TSAN and threads == 0:
         threads = 32  # ThreadSanitizer's per-thread cost: fewer threads per block (loops use blockDim)
-    e.emu.configure(threads=threads, chaos_seed=chaos_seed, chaos_rate=chaos_rate, gemm_order=gemm_order)
+    e.emu.configure(threads=threads, chaos_seed=chaos_seed, chaos_rate=chaos_rate, gemm_order=gemm_order,
+                    pes_per_node=pes_per_node)
     if pe is None:
         e.emu.start(npes, heap_bytes)
     else:

@@ -6,8 +6,9 @@
 
 Steps: plain `pytest tests/` on the CPU (everything as a world of one, the emulated kernels of
 `-m emu` among it), the emulated kernels again under ThreadSanitizer, then the `dist` tests under
-torchrun once per world size on the torch backend with CPU tensors (gloo), then, with a GPU, the
-GPU_SUITES on the nvshmem backend. Each run has a time limit so a hang cannot eat the whole job;
+torchrun once per world size on the torch backend with CPU tensors (gloo), then the GPU suites on
+the nvshmem backend on the emulated device (EMULATED_RUNS: one node, the remote path forced, and
+emulated nodes), then, with a GPU, the GPU_SUITES on the nvshmem backend. Each run has a time limit so a hang cannot eat the whole job;
 every rank's output is kept, and the log of any rank that failed is printed in full.
 """
 
@@ -104,9 +105,18 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
 
 # Devices a step runs on: "cpu" (the torch backend, gloo), "emulated" (the nvshmem backend on the
 # emulated device, csrc/emu/: the GPU suites without a GPU) and "gpu".
-# The world sizes of the emulated runs, and their files: at 3 ranks only the GPU files, since the
-# contract suites size their inputs for 1, 2 and 4 ranks.
-EMULATED_RUNS = {2: GPU_SUITES, 3: ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "test_moe_gpu.py")}
+# The emulated runs: (name, world size, files, environment). At 3 ranks only the GPU files, since the
+# contract suites size their inputs for 1, 2 and 4 ranks. Then the remote path: forced on one node
+# (SYMCOMM_TRANSPORT=rma), and on emulated nodes that load/store does not reach across (2 x 2 PEs,
+# 3 x 1 PE), where it is the only path.
+GPU_FILES = ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "test_moe_gpu.py")
+EMULATED_RUNS = [
+    ("", 2, GPU_SUITES, {}),
+    ("", 3, GPU_FILES, {}),
+    (" rma", 2, ("test_collectives_gpu.py", "test_ops.py"), {"SYMCOMM_TRANSPORT": "rma"}),
+    (" 2 nodes", 4, ("test_collectives_gpu.py",), {"SYMCOMM_EMU_PES_PER_NODE": "2"}),
+    (" 3 nodes", 3, ("test_collectives_gpu.py",), {"SYMCOMM_EMU_PES_PER_NODE": "1"}),
+]
 EMULATED_WORKSPACE_BYTES = 1 << 20  # small, so that the GPU suites' largest cases chunk at small sizes
 
 
@@ -163,10 +173,10 @@ def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
 
 
 def distributed(work: Path, world: int, device: str, extra: list[str], timeout: float,
-                files: tuple[str, ...] = GPU_SUITES) -> Result:
-    out = work / f"{device}-w{world}"
+                files: tuple[str, ...] = GPU_SUITES, name: str = "", env_extra: dict[str, str] | None = None) -> Result:
+    out = work / f"{device}-w{world}{name.replace(' ', '-')}"
     out.mkdir()
-    env = environment(device)
+    env = {**environment(device), **(env_extra or {})}
     if device == "gpu" and "CUDA_MPS_PIPE_DIRECTORY" in env:
         # Under MPS each PE gets an equal share of the SMs; shares summing to <= 100 are what lets
         # NVSHMEM run in full MPG mode (kernels of different PEs run concurrently).
@@ -175,7 +185,7 @@ def distributed(work: Path, world: int, device: str, extra: list[str], timeout: 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--log-dir", str(out / "logs"),
            "--redirects", "3", "--tee", "0:3", *pytest_args(selection(device, True, files), out / "rank{rank}.xml", extra)]
     junit = [out / f"rank{r}.xml" for r in range(world)]
-    return run(f"{device} world {world}", cmd, env, junit, out / "logs", timeout)
+    return run(f"{device} world {world}{name}", cmd, env, junit, out / "logs", timeout)
 
 
 def no_heaps_left() -> Result:
@@ -212,7 +222,8 @@ def main() -> int:
         results += [distributed(work, w, "cpu", extra, args.timeout) for w in worlds]
         if not args.no_single:
             results.append(single(work, "emulated", extra, args.timeout))
-        results += [distributed(work, w, "emulated", extra, args.timeout, files) for w, files in EMULATED_RUNS.items()]
+        results += [distributed(work, w, "emulated", extra, args.timeout, files, name, env)
+                    for name, w, files, env in EMULATED_RUNS]
         results.append(no_heaps_left())
     if gpu:
         if not args.no_single:
@@ -221,7 +232,7 @@ def main() -> int:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
-    print("\n" + "\n".join(f"{r.name:>16}: {r.passed:4d} passed {r.failed:3d} failed {r.skipped:3d} skipped "
+    print("\n" + "\n".join(f"{r.name:>24}: {r.passed:4d} passed {r.failed:3d} failed {r.skipped:3d} skipped "
                            f"{r.seconds:6.0f} s {'' if r.ok else 'FAILED ' + r.crashed}" for r in results))
     passed = sum(r.passed for r in results)
     # A run that crashed or timed out counts as one failure on top of the tests it reported.

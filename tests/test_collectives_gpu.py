@@ -1,14 +1,18 @@
 """The nvshmem collective kernels on the GPU: large and chunked messages, both all-reduce algorithms,
-zero-copy symmetric inputs, long runs of back-to-back calls, and CUDA-graph replay. Outputs come from
+zero-copy symmetric inputs, long runs of back-to-back calls, CUDA-graph replay, and the transport
+each topology gets. Outputs come from
 poisoned allocations (conftest.py), and sums are checked element by element against float64.
 
 (The op contract tests in test_ops.py also run here, on the nvshmem backend.)
 """
 
+import os
+
 import pytest
 import torch
 
-from harness import assert_close, on_gpu, seed_of, sum_ref
+import symcomm
+from harness import assert_close, assert_gemm_close, on_gpu, seed_of, sum_ref
 from symcomm import runtime
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
@@ -101,3 +105,24 @@ def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen, sym):
         x = symmetric_copy(sym, xs[world.rank])
         out = ops.all_gather(x, 1)
         assert torch.equal(out.view(torch.uint8), torch.cat(xs, 1).view(torch.uint8)), dtype
+
+
+def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kernels_within_a_node(world, gen, sym):
+    """Where some rank is out of load/store reach (another node; on the emulated device,
+    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, the fused GEMM path refuses with
+    the reason while 'auto' computes unfused, and MoE says it has no remote path yet, on every rank."""
+    per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0")) if runtime.emulated() else 0
+    split = 0 < per_node < world.world_size
+    assert runtime.all_reachable() == (not split)
+    forced = os.environ.get("SYMCOMM_TRANSPORT", "auto") == "rma"
+    assert symcomm.transport() == ("rma" if split or forced else "p2p")
+    a, b = (on_gpu(world, seed_of(gen), shape, torch.bfloat16) for shape in ((64, 32), (32, 48)))
+    assert_gemm_close(ops.gemm_all_reduce(a[world.rank], b[world.rank]), a, b)
+    if not split:
+        return
+    with pytest.raises(ValueError, match="path='fused' cannot run here: some ranks are out of load/store reach"):
+        ops.gemm_all_reduce(a[world.rank], b[world.rank], path="fused")
+    expert_x = sym((2, 8, 32), torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="moe_dispatch: some ranks are out of load/store reach"):
+        ops.moe_dispatch(a[world.rank], torch.zeros(64, 1, dtype=torch.int64, device=world.device),
+                         2 * world.world_size, expert_x, torch.empty(2, dtype=torch.int32, device=world.device))

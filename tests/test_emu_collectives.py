@@ -1,6 +1,7 @@
 """The collective kernels (csrc/collectives/) and their C++ entry points, run on the emulated device with
 1 to 4 PEs in this process: every kernel, dtype and branch, PEs that place their inputs differently,
-back-to-back sequences, and a PE that never arrives."""
+back-to-back sequences, and a PE that never arrives; the remote path's kernels (push_*) also with
+the PEs on emulated nodes that load/store cannot reach across."""
 
 from __future__ import annotations
 
@@ -121,6 +122,68 @@ def test_reductions(kernel, npes, dtype, size, vec16):
             np.testing.assert_array_equal(H.decode(outs[pe], dtype), expected, err_msg=f"PE {pe}")
 
 
+def inbox_area(w: H.World) -> int:
+    """The push kernels' inbox: after the staging area and two-shot's result area."""
+    return w.data_offset() + (2 << 20)
+
+
+# (PEs, PEs per node): one node; 2 nodes x 2 PEs; 3 nodes x 1 PE; 2 nodes of 2 and 1 PEs.
+LAYOUTS = [(1, 0), (2, 0), (3, 0), (4, 0), (4, 2), (3, 1), (3, 2), (2, 1)]
+
+
+# The reductions in both widths; a gather copies in the units its addresses allow, and vec16 is only
+# what collectives.py passes for it (from the output's row pitch).
+PUSHES = [("all_reduce", True), ("all_reduce", False), ("reduce_scatter", True), ("reduce_scatter", False),
+          ("all_gather", None), ("all_to_all", None)]
+
+
+@pytest.mark.parametrize("size", ["one", "tail", "blocks"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("npes,pes_per_node", [lay for lay in LAYOUTS if not H.TSAN or lay[0] < 4],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("kernel,vec16", PUSHES, ids=[f"{k}-{ {True: 'vec16', False: 'scalar'}.get(v, 'copy')}"
+                                                      for k, v in PUSHES])
+def test_remote_path(kernel, vec16, npes, pes_per_node, dtype, size):
+    """push_reduce and push_gather: every PE's rows reach the others only by puts with signal, across
+    emulated nodes too (where a peer pointer is null, so a kernel that used one would fail)."""
+    rng = np.random.default_rng([npes, pes_per_node, DTYPES.index(dtype), len(size), bool(vec16), len(kernel)])
+    width = lengths(dtype)[size]
+    rows = npes if kernel in ("reduce_scatter", "all_to_all") else 1
+    gathers = kernel in ("all_gather", "all_to_all")
+    isz = H.ITEMSIZE[dtype]
+    if gathers:
+        vec16 = width * isz % 16 == 0
+    with H.world(npes, pes_per_node=pes_per_node) as w:
+        inputs = Inputs(w, rows, width, dtype, vec16, placements(rng, npes, allow_staged=not vec16 or rows == 1
+                                                                      or width * isz % 16 == 0))
+        values = [H.exact_values(rng, (rows, width)) for _ in range(npes)]
+        outs = []
+        for pe in range(npes):
+            src = inputs.place(pe, values[pe])
+            dst, out = output(w, (npes if gathers else 1) * width * isz, dtype)
+            outs.append(out)
+            call(w, "push_gather" if gathers else "push_reduce", pe, src, 0, width * isz, dst,
+                 width * isz if gathers else 0, dtype, vec16, inbox_area(w))
+        w.check()
+        for pe in range(npes):
+            row = pe if rows > 1 else 0
+            got = H.decode(outs[pe], dtype)
+            if gathers:
+                np.testing.assert_array_equal(got.reshape(npes, width), np.stack([v[row] for v in values]),
+                                              err_msg=f"PE {pe}")
+            else:
+                np.testing.assert_array_equal(got, sum(v[row] for v in values), err_msg=f"PE {pe}")
+
+
+@pytest.mark.parametrize("npes,pes_per_node", [(4, 2), (3, 1), (3, 0)])
+def test_reachable_peers_follow_the_nodes(npes, pes_per_node):
+    with H.world(npes, pes_per_node=pes_per_node) as w:
+        per_node = pes_per_node or npes
+        for pe in range(npes):
+            w.on_pe(pe)
+            assert w.ext.reachable_peers(w.base(pe)) == [q // per_node == pe // per_node for q in range(npes)]
+
+
 def round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
@@ -185,7 +248,8 @@ def sequence(rng, npes: int, calls: int):
     """A random mix of calls, the same on every PE (as the Python side plans them from sizes only)."""
     plan = []
     for _ in range(calls):
-        kind = rng.choice(["all_reduce", "two_shot", "reduce_scatter", "all_gather", "all_to_all"])
+        kind = rng.choice(["all_reduce", "two_shot", "reduce_scatter", "all_gather", "all_to_all", "push_all_reduce",
+                           "push_reduce_scatter", "push_all_gather", "push_all_to_all"])
         dtype = str(rng.choice(DTYPES))
         width = int(rng.choice([1, 7, 64, 333, 4096 + 5]))
         plan.append((str(kind), dtype, width))
@@ -197,7 +261,7 @@ def sequence(rng, npes: int, calls: int):
 def test_back_to_back(npes, chaos):
     """Many different calls issued by each PE with no host synchronisation, every input rewritten in
     the same places between calls (on the stream), and the whole sequence replayed twice as a CUDA
-    graph would: barrier counters must never mistake an old flag for a new one, and no PE may
+    graph would; the remote path's kernels among the others, on the same flags: barrier counters must never mistake an old flag for a new one, and no PE may
     overwrite an input that a peer still reads."""
     rng = np.random.default_rng([npes, int(chaos * 100)])
     plan = sequence(rng, npes, 12 if H.TSAN else 24)
@@ -208,6 +272,7 @@ def test_back_to_back(npes, chaos):
         for replay in range(2):
             for kind, dtype, width in plan:
                 isz = H.ITEMSIZE[dtype]
+                push, kind = kind.startswith("push_"), kind.removeprefix("push_")
                 rows = npes if kind in ("reduce_scatter", "all_to_all") else 1
                 values = [H.exact_values(rng, (rows, width)) for _ in range(npes)]
                 per_pe = []
@@ -223,7 +288,13 @@ def test_back_to_back(npes, chaos):
                     gathers = kind in ("all_gather", "all_to_all")
                     # As collectives.py decides it: from the pitches (rows, and a gather's output rows).
                     vec16 = width * isz % 16 == 0 or (rows == 1 and not gathers)
-                    if kind in ("all_gather", "all_to_all"):
+                    if push:
+                        dst, out = output(w, (npes if gathers else 1) * width * isz, dtype)
+                        call(w, "push_gather" if gathers else "push_reduce", pe, src, 0, width * isz, dst,
+                             width * isz if gathers else 0, dtype, vec16, inbox_area(w))
+                        row = pe if rows > 1 else 0
+                        per_pe.append(np.stack([v[row] for v in values]) if gathers else sum(v[row] for v in values))
+                    elif kind in ("all_gather", "all_to_all"):
                         dst, out = output(w, npes * width * isz, dtype)
                         call(w, "gather", pe, src, pe if rows > 1 else 0, width * isz, dst, width * isz, dtype, vec16)
                         per_pe.append(np.stack([v[pe if rows > 1 else 0] for v in values]))
@@ -243,21 +314,22 @@ def test_back_to_back(npes, chaos):
             np.testing.assert_array_equal(H.decode(out, dtype).reshape(want.shape), want, err_msg=what)
 
 
-def test_missing_pe_times_out_naming_it():
+@pytest.mark.parametrize("kernel,waited", [("reduce", "a block barrier"), ("push_reduce", "a put")])
+def test_missing_pe_times_out_naming_it(kernel, waited):
     """PE 2 skips a call: PEs 0 and 1 time out naming PE 2, the error surfaces through the launch check
     of their next call as users see it, and nothing hangs."""
     npes, width = 3, 256
-    with H.world(npes, timeout_s=1.0) as w:
+    with H.world(npes, timeout_s=1.0, pes_per_node=1 if kernel.startswith("push") else 0) as w:
         sym = w.alloc(width * 4)
         outs = [output(w, width * 4, "float32") for _ in range(npes)]
         for pe in range(2):
             w.view(pe, sym, np.float32, width)[:] = 1.0
-            call(w, "reduce", pe, (w.base(pe) + sym, 0), 0, width * 4, outs[pe][0], 0, "float32", True)
+            call(w, kernel, pe, (w.base(pe) + sym, 0), 0, width * 4, outs[pe][0], 0, "float32", True, inbox_area(w))
         errors = w.synchronize()
         assert sorted(errors) == [0, 1]
         for pe in (0, 1):
             assert "unspecified launch failure" in errors[pe]
-            assert f"PE {pe} timed out after 1.0 s waiting for a block barrier from PE 2" in errors[pe]
+            assert f"PE {pe} timed out after 1.0 s waiting for {waited} from PE 2" in errors[pe]
         w.on_pe(0)
         with pytest.raises(RuntimeError, match=r"cudaGetLastError\(\) failed: unspecified launch failure .*from PE 2"):
             call(w, "reduce", 0, (w.base(0) + sym, 0), 0, width * 4, outs[0][0], 0, "float32", True)
@@ -294,4 +366,4 @@ def test_host_checks_run_before_any_launch():
         with pytest.raises(RuntimeError, match="two-shot all-reduce reads row 0"):
             call(w, "two_shot_all_reduce", 0, (w.base(0) + w.data_offset(), 0), 1, 64, w.base(0), 0, "float32",
                  False)
-        assert w.ext.peers_reachable(w.base(0))
+        assert w.ext.reachable_peers(w.base(0)) == [True, True]

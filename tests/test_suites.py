@@ -58,7 +58,9 @@ def test_the_gpu_runs_collect_every_gpu_suite_and_no_host_only_test(pes):
 
 
 def test_the_emulated_runs_run_gpu_suites():
-    assert all(set(files) <= set(run.GPU_SUITES) for files in run.EMULATED_RUNS.values())
+    assert all(set(files) <= set(run.GPU_SUITES) for _, _, files, _ in run.EMULATED_RUNS)
+    # Each run has a name of its own (its logs' folder and its line in the summary).
+    assert len({(name, world) for name, world, _, _ in run.EMULATED_RUNS}) == len(run.EMULATED_RUNS)
 
 
 def test_the_gpu_single_process_run_is_the_gpu_marked_tests():

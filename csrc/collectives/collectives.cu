@@ -3,10 +3,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include <algorithm>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "core/launch.cuh"
 #include "core/memory.cuh"
@@ -164,6 +166,45 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   s.close();
 }
 
+// The remote path, for peers that load/store may not reach: no peer pointer anywhere. Block b of
+// every PE puts its share [lo, hi) of the row meant for PE q (row q of a per-destination input,
+// pitch > 0; else its one row) into q's inbox, slot `me`, with a signal on q's flag (b, me); once
+// every sender's signal is in, it reduces (Reduce) or copies the same share of its own inbox's slots
+// into dst. The closing barrier keeps a sender's next call out of the inbox until then. T is the
+// element type when reducing, bytes (16-byte units) when copying.
+template <typename T, int N, bool Reduce>
+__global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
+  Session s = Session::resume(a.ws, a.npes, a.mine, /*rma=*/true);
+  const int me = nvshmem_my_pe();
+  const std::int64_t slot_bytes = (a.len * static_cast<std::int64_t>(sizeof(T)) + 15) / 16 * 16;
+  char* inbox = a.ws.base + a.result_offset;
+  const char* src = a.ws.base + a.mine.offset;
+  std::int64_t lo, hi;
+  block_range(a.len, Reduce ? N : 16, lo, hi);
+  const std::int64_t from = lo * sizeof(T), bytes = (hi - lo) * sizeof(T);
+  const std::uint64_t seq = ++s.seq;
+  std::uint64_t* flag = &a.ws.slot(blockIdx.x, me)->flag;
+  for (int q = 0; q < a.npes; ++q) {
+    if (bytes > 0)
+      nvshmemx_putmem_signal_block(inbox + me * slot_bytes + from, src + q * a.mine.pitch + from, bytes, flag, seq,
+                                   NVSHMEM_SIGNAL_SET, q);
+    else if (threadIdx.x == 0)
+      nvshmemx_signal_op(flag, seq, NVSHMEM_SIGNAL_SET, q);
+  }
+  if (threadIdx.x < a.npes) wait_geq(&a.ws.slot(blockIdx.x, threadIdx.x)->flag, seq, "a put", threadIdx.x);
+  __syncthreads();
+  if constexpr (Reduce) {
+    const T* rows[kMaxPeers];
+#pragma unroll
+    for (int q = 0; q < kMaxPeers; ++q)
+      rows[q] = q < a.npes ? reinterpret_cast<const T*>(inbox + q * slot_bytes) : nullptr;
+    sum_range<T, N>(rows, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);
+  } else {
+    for (int q = 0; q < a.npes; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);
+  }
+  s.close();
+}
+
 template <typename F>
 void with_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -219,6 +260,17 @@ void gather(const CollectiveCall& c) {
   launch(gather_kernel, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, 1));
 }
 
+void push_reduce(const CollectiveCall& c) {
+  with_dtype(c.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_typed(c, sizeof(T), push_kernel<T, 16 / sizeof(T), true>, push_kernel<T, 1, true>);
+  });
+}
+
+void push_gather(const CollectiveCall& c) {
+  launch(push_kernel<unsigned char, 1, false>, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, 1));
+}
+
 void load_collective_kernels() {
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64})
     with_dtype(dtype, [](auto tag) {
@@ -227,16 +279,19 @@ void load_collective_kernels() {
       load_kernel(reduce_kernel<T, 1>);
       load_kernel(two_shot_kernel<T, 16 / sizeof(T)>);
       load_kernel(two_shot_kernel<T, 1>);
+      load_kernel(push_kernel<T, 16 / sizeof(T), true>);
+      load_kernel(push_kernel<T, 1, true>);
     });
   load_kernel(gather_kernel);
+  load_kernel(push_kernel<unsigned char, 1, false>);
 }
 
 std::int64_t workspace_data_offset() { return static_cast<std::int64_t>(kDataOffset); }
 
-bool peers_reachable(std::uintptr_t workspace) {
-  for (int q = 0; q < nvshmem_n_pes(); ++q)
-    if (nvshmem_ptr(reinterpret_cast<void*>(workspace), q) == nullptr) return false;
-  return true;
+std::vector<bool> reachable_peers(std::uintptr_t workspace) {
+  std::vector<bool> out;
+  for (int q = 0; q < nvshmem_n_pes(); ++q) out.push_back(nvshmem_ptr(reinterpret_cast<void*>(workspace), q) != nullptr);
+  return out;
 }
 
 }  // namespace symcomm

@@ -1,11 +1,15 @@
 #pragma once
-// Collectives over the symmetric heap, read through peer pointers (every PE load/store reachable:
-// one NVLink domain, or several PEs on one GPU). Each call handles one chunk: the Python side
-// stages inputs that are not symmetric, splits large messages, and picks the algorithm.
+// Collectives over the symmetric heap. reduce, gather and two_shot_all_reduce read peers through peer
+// pointers (every PE load/store reachable: one NVLink domain, or several PEs on one GPU); push_reduce
+// and push_gather, the remote path, move data only by NVSHMEM puts with signal, so they reach any PE
+// NVSHMEM reaches (another node through its network transport). Each call handles one chunk: the
+// Python side stages inputs that are not symmetric, splits large messages, and picks the path and
+// the algorithm.
 //
 // A PE's input is a set of rows (one row per destination PE for reduce-scatter and all-to-all, a
 // single row otherwise). Sizes are in bytes; pointers, streams and the workspace are integers.
 #include <cstdint>
+#include <vector>
 
 #include "core/limits.h"
 
@@ -21,7 +25,8 @@ struct CollectiveCall {
   std::int64_t len;             // bytes per row
   std::uintptr_t dst;           // this PE's output
   std::int64_t dst_pitch;       // gather: bytes between the rows that come from consecutive PEs
-  std::int64_t result_offset;   // two-shot: byte offset in the workspace of the per-PE result area
+  std::int64_t result_offset;   // two-shot: byte offset in the workspace of the per-PE result area;
+                                // push: of the inbox (one 16-byte-aligned slot of len bytes per sender)
   DType dtype;                  // reductions only
   bool vec16;                   // reductions: every address and pitch is a multiple of 16 bytes
   std::uintptr_t stream;
@@ -37,12 +42,17 @@ void gather(const CollectiveCall& c);
 // every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).
 void two_shot_all_reduce(const CollectiveCall& c);
 
+// reduce and gather over the remote path: PE q's row for this PE (row `me` when src_pitch > 0, else its
+// one row) reaches this PE's inbox by a put, and is summed or copied from there.
+void push_reduce(const CollectiveCall& c);
+void push_gather(const CollectiveCall& c);
+
 // Loads every kernel above (at init: see load_kernel in core/launch.cuh).
 void load_collective_kernels();
 
 // Where the data area starts in the workspace (bytes); everything before it is barrier state.
 std::int64_t workspace_data_offset();
-// Whether every PE's copy of the workspace is reachable by load/store from this PE.
-bool peers_reachable(std::uintptr_t workspace);
+// For each PE, whether its copy of the workspace is reachable by load/store from this PE.
+std::vector<bool> reachable_peers(std::uintptr_t workspace);
 
 }  // namespace symcomm

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include "core/limits.h"
 #include "core/wait.cuh"
@@ -78,23 +79,31 @@ struct Workspace {
 // A peer can be at most one barrier ahead of us (it needs our next signal to pass the one after),
 // so the payload we read may already be its next barrier's. Every barrier of one call therefore
 // carries the same payload, and every call has at least two barriers.
+//
+// With rma (the remote path: peers that load/store may not reach) the flag is set by NVSHMEM's
+// signal operation instead, through whatever transport reaches the peer, and carries no payload:
+// the remote-path kernels push their data and never read a peer's input.
 __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_t seq, Payload payload,
-                                     Payload* peer_payload) {
+                                     Payload* peer_payload, bool rma) {
   const int me = nvshmem_my_pe();
   const int q = threadIdx.x;
   __syncthreads();
   if (q < npes) {
     // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
     __threadfence_system();
-    Slot* remote = static_cast<Slot*>(nvshmem_ptr(ws.slot(blockIdx.x, me), q));
-    // A peer one barrier ahead may rewrite our slot's payload while we read it: with the same value
-    // (see above), so the race is harmless and deliberate.
-    store_racy(&remote->payload.offset, payload.offset);
-    store_racy(&remote->payload.pitch, payload.pitch);
-    store_release_sys(&remote->flag, seq);
+    if (rma) {
+      nvshmemx_signal_op(&ws.slot(blockIdx.x, me)->flag, seq, NVSHMEM_SIGNAL_SET, q);
+    } else {
+      Slot* remote = static_cast<Slot*>(nvshmem_ptr(ws.slot(blockIdx.x, me), q));
+      // A peer one barrier ahead may rewrite our slot's payload while we read it: with the same value
+      // (see above), so the race is harmless and deliberate.
+      store_racy(&remote->payload.offset, payload.offset);
+      store_racy(&remote->payload.pitch, payload.pitch);
+      store_release_sys(&remote->flag, seq);
+    }
     Slot* mine = ws.slot(blockIdx.x, q);
     wait_geq(&mine->flag, seq, "a block barrier", q);
-    peer_payload[q] = Payload{load_racy(&mine->payload.offset), load_racy(&mine->payload.pitch)};
+    if (!rma) peer_payload[q] = Payload{load_racy(&mine->payload.offset), load_racy(&mine->payload.pitch)};
   }
   __syncthreads();
 }
@@ -109,6 +118,7 @@ struct Session {
   int npes;
   Payload mine;
   std::uint64_t seq;
+  bool rma = false;  // meet through NVSHMEM signals (see block_barrier)
 
   __device__ static Session open(Workspace ws, int npes, Payload mine, Payload* peers) {
     Session s = resume(ws, npes, mine);
@@ -116,13 +126,13 @@ struct Session {
     return s;
   }
   // Picks up where the previous kernel of this block index left off, without meeting.
-  __device__ static Session resume(Workspace ws, int npes, Payload mine) {
+  __device__ static Session resume(Workspace ws, int npes, Payload mine, bool rma = false) {
     __shared__ std::uint64_t start;
     if (threadIdx.x == 0) start = *ws.seq(blockIdx.x);
     __syncthreads();
-    return Session{ws, npes, mine, start};
+    return Session{ws, npes, mine, start, rma};
   }
-  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers); }
+  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers, rma); }
   __device__ void save() {
     if (threadIdx.x == 0) *ws.seq(blockIdx.x) = seq;
   }

@@ -19,11 +19,13 @@ void bind(py::module_& parent) {
   m.def("stop", &stop, release());
   m.def(
       "configure",
-      [](int threads, std::uint64_t chaos_seed, double chaos_rate, int gemm_order) {
-        configure(Settings{threads, chaos_seed, chaos_rate, static_cast<GemmOrder>(gemm_order)});
+      [](int threads, std::uint64_t chaos_seed, double chaos_rate, int gemm_order, int pes_per_node) {
+        configure(Settings{threads, chaos_seed, chaos_rate, static_cast<GemmOrder>(gemm_order), pes_per_node});
       },
       py::arg("threads") = 0, py::arg("chaos_seed") = 0, py::arg("chaos_rate") = 0.0, py::arg("gemm_order") = 1,
-      "gemm_order: 0 raster, 1 shuffled per PE, 2 last tile first");
+      py::arg("pes_per_node") = 0,
+      "gemm_order: 0 raster, 1 shuffled per PE, 2 last tile first; pes_per_node: 0 one node, else nodes of that "
+      "many PEs, which load/store cannot reach across");
   m.def("set_pe", &set_pe, py::arg("pe"));
   m.def("local_pe", &local_pe, "the PE this process hosts after start_process, else -1");
   m.def("heap", &heap, py::arg("pe"));

@@ -783,20 +783,38 @@ using symcomm::emu::world;
 int nvshmem_my_pe() { return current_pe().index; }
 int nvshmem_n_pes() { return world().npes; }
 
-void* nvshmem_ptr(const void* ptr, int pe) {
+namespace {
+
+// PE pe's copy of the caller's symmetric address ptr, whichever node pe is on: where a put lands.
+void* symmetric_address(const void* ptr, int pe, const char* what) {
   auto& w = world();
   const auto& me = current_pe();
   if (pe < 0 || pe >= w.npes)
-    symcomm::emu::device_fail("nvshmem_ptr: PE " + std::to_string(pe) + " is out of range [0, " +
+    symcomm::emu::device_fail(std::string(what) + ": PE " + std::to_string(pe) + " is out of range [0, " +
                               std::to_string(w.npes) + ")");
   const std::ptrdiff_t offset = static_cast<const char*>(ptr) - me.heap;
   if (offset < 0 || static_cast<std::size_t>(offset) >= w.heap_bytes) {
     char addr[32];
     std::snprintf(addr, sizeof addr, "%p", ptr);
-    symcomm::emu::device_fail("nvshmem_ptr: address " + std::string(addr) + " is not in PE " +
+    symcomm::emu::device_fail(std::string(what) + ": address " + std::string(addr) + " is not in PE " +
                               std::to_string(me.index) + "'s symmetric heap");
   }
   return w.pes[pe]->heap + offset;
+}
+
+void signal_update(std::uint64_t* sig, std::uint64_t value, int sig_op) {
+  if (sig_op == NVSHMEM_SIGNAL_ADD)
+    __atomic_fetch_add(sig, value, __ATOMIC_RELEASE);
+  else
+    __atomic_store_n(sig, value, __ATOMIC_RELEASE);
+}
+
+}  // namespace
+
+void* nvshmem_ptr(const void* ptr, int pe) {
+  void* peer = symmetric_address(ptr, pe, "nvshmem_ptr");
+  const int per_node = symcomm::emu::settings().pes_per_node;
+  return per_node > 0 && pe / per_node != current_pe().index / per_node ? nullptr : peer;
 }
 
 void nvshmem_barrier_all() {
@@ -821,18 +839,18 @@ void nvshmemi_finalize() {}
 
 void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
                                   std::uint64_t signal, int sig_op, int pe) {
-  auto* to = static_cast<char*>(nvshmem_ptr(dest, pe));
+  auto* to = static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_signal_block"));
   const auto* from = static_cast<const char*>(source);
   for (std::size_t i = threadIdx.x; i < bytes; i += blockDim.x) to[i] = from[i];
   __syncthreads();
-  if (threadIdx.x == 0) {
-    auto* sig = static_cast<std::uint64_t*>(nvshmem_ptr(sig_addr, pe));
-    if (sig_op == NVSHMEM_SIGNAL_ADD)
-      __atomic_fetch_add(sig, signal, __ATOMIC_RELEASE);
-    else
-      __atomic_store_n(sig, signal, __ATOMIC_RELEASE);
-  }
+  if (threadIdx.x == 0)
+    signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_putmem_signal_block")),
+                  signal, sig_op);
   __syncthreads();
+}
+
+void nvshmemx_signal_op(std::uint64_t* sig_addr, std::uint64_t signal, int sig_op, int pe) {
+  signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_signal_op")), signal, sig_op);
 }
 
 // ---- the CUDA runtime calls the core makes ----

@@ -15,6 +15,9 @@ struct Settings {
   std::uint64_t chaos_seed = 0;  // seeds the chaos switches and the shuffled tile order
   double chaos_rate = 0;         // probability that a data load switches threads (0: never)
   GemmOrder gemm_order = GemmOrder::kShuffled;  // the order in which the emulated GEMM computes tiles
+  // PEs per emulated node, nodes in PE order (0: one node). As NVSHMEM without a path between two
+  // GPUs, nvshmem_ptr is null for a PE on another node: only puts and signals reach it.
+  int pes_per_node = 0;
 };
 
 // A stream position: done once `stream` has finished its first `count` tasks.

@@ -19,6 +19,7 @@ from symcomm.runtime import (
     is_initialized,
     is_symmetric,
     rank,
+    transport,
     world_size,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "nn",
     "rank",
     "shard_state_dict",
+    "transport",
     "world_size",
 ]

@@ -10,6 +10,11 @@ source and let it read every peer's rows through peer pointers:
 
 The chunk plan depends only on sizes, never on whether a rank staged, so every rank launches the same
 kernels in the same order (the kernels' barriers count on that).
+
+On the remote path (runtime.transport() == "rma": some peer on another node, or SYMCOMM_TRANSPORT=rma)
+nobody reads a peer: every rank puts the rows meant for each peer into that peer's inbox, a second
+area of the workspace after the staging area, and reduces or copies from its own inbox (push_reduce,
+push_gather). All-reduce is then one-shot: each rank receives every input.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class _Context:
     rank: int
     world: int
     stream: object  # symcomm.streams.current()
+    rma: bool  # the remote path
 
 
 def _context() -> _Context:
@@ -46,7 +52,7 @@ def _context() -> _Context:
     ws = runtime.workspace()
     offset = ext.workspace_data_offset()
     return _Context(ext, ws.data_ptr(), ws.data_ptr() + offset, ws.numel() - offset, runtime.rank(),
-                    runtime.world_size(), streams.current())
+                    runtime.world_size(), streams.current(), runtime.transport() == "rma")
 
 
 def _round_down(n: int, multiple: int) -> int:
@@ -88,6 +94,21 @@ def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst:
     streams.launched(ctx.stream)
 
 
+def _push(kernel: str, ctx: _Context, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch: int) -> None:
+    """The remote path of every collective: rows ([1 or world, C]) staged at the front of the data area,
+    the inbox (world slots of one chunk each) after it, chunks of columns that fit both."""
+    isz, c, n_rows = x.element_size(), rows.shape[1], rows.shape[0]
+    chunk = _round_down(ctx.data_bytes // (n_rows + ctx.world) - 16, 16)
+    inbox = ctx.data - ctx.workspace + n_rows * chunk
+    fn = getattr(ctx.ext, kernel)
+    for lo, hi in _chunks(c, isz, chunk):
+        # The kernels' block split follows vec16, so it must not depend on where a rank's input is:
+        # sizes decide, as for the exchanges.
+        vec16 = _vec16((hi - lo) * isz, c * isz) if n_rows > 1 else _vec16(dst_pitch)
+        _launch(fn, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz, dst_pitch,
+                x.dtype, vec16, inbox)
+
+
 def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
     return x.contiguous().view(n_rows, -1)
 
@@ -118,7 +139,9 @@ def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     rows = _rows(x, 1)
     out = torch.empty_like(rows)
     isz, n = x.element_size(), rows.shape[1]
-    if choose_all_reduce(n * isz, ctx.world, algorithm) == "one_shot":
+    if ctx.rma:
+        _push("push_reduce", ctx, x, rows, out, 0)
+    elif choose_all_reduce(n * isz, ctx.world, algorithm) == "one_shot":
         for lo, hi in _chunks(n, isz, ctx.data_bytes):
             _launch(ctx.ext.reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
                     out.data_ptr() + lo * isz, 0, x.dtype, _vec16())
@@ -146,9 +169,12 @@ def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     # Rank q's block lands at out[q]: already the result when dim is the outermost non-trivial
     # dimension; otherwise one more copy moves the rank dimension into place.
     out = torch.empty((ctx.world, *x.shape), dtype=x.dtype, device=x.device)
-    for lo, hi in _chunks(n, isz, ctx.data_bytes):
-        _launch(ctx.ext.gather, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz,
-                n * isz, x.dtype, _vec16(n * isz))
+    if ctx.rma:
+        _push("push_gather", ctx, x, rows, out, n * isz)
+    else:
+        for lo, hi in _chunks(n, isz, ctx.data_bytes):
+            _launch(ctx.ext.gather, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz,
+                    n * isz, x.dtype, _vec16(n * isz))
     if _leading_dims_one(x, d):
         return out.view(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])
     return out.movedim(0, d).reshape(*x.shape[:d], ctx.world * x.shape[d], *x.shape[d + 1:])
@@ -167,6 +193,9 @@ def _exchange(kernel: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tenso
     ctx = _context()
     isz, c = x.element_size(), rows.shape[1]
     fn, dst_pitch = getattr(ctx.ext, kernel), c * isz if dst_pitch_rows else 0
+    if ctx.rma:
+        _push(f"push_{kernel}", ctx, x, rows, out, dst_pitch)
+        return
     for lo, hi in _chunks(c, isz, ctx.data_bytes // ctx.world):
         _launch(fn, ctx, _source(ctx, rows, lo, hi), ctx.rank, (hi - lo) * isz, out.data_ptr() + lo * isz,
                 dst_pitch, x.dtype, _vec16((hi - lo) * isz, c * isz))

@@ -14,6 +14,9 @@ from symcomm.collectives import DTYPE_CODES
 
 
 def _context(op: str, expert_buf: torch.Tensor, name: str):
+    if not runtime.all_reachable():
+        raise NotImplementedError(f"{op}: some ranks are out of load/store reach (other nodes), and the MoE kernels "
+                                  "have no remote path yet: run expert parallelism within one NVLink domain")
     if not runtime.is_symmetric(expert_buf):
         raise ValueError(f"{op}: {name} must be a symmetric tensor (symcomm.empty) on the nvshmem backend, "
                          "since peers read or write it directly")

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -37,6 +38,9 @@ EMU_MODULE_ENV = "SYMCOMM_EMU_MODULE"
 # The emulated device's heap beyond the workspace (SYMCOMM_EMU_HEAP_BYTES): pages are only used once touched.
 DEFAULT_EMU_HEAP_BYTES = 1 << 30
 EMULATED_SMS = 8  # blocks the emulated device runs at once per PE (each an OS thread)
+TRANSPORT_ENV = "SYMCOMM_TRANSPORT"
+TRANSPORTS = ("auto", "rma")
+EMU_PES_PER_NODE_ENV = "SYMCOMM_EMU_PES_PER_NODE"  # the emulated device's nodes (0 or unset: one node)
 _ALIGN = 256  # of symmetric allocations on the emulated heap, as NVSHMEM's
 
 
@@ -69,6 +73,11 @@ class _State:
     free_blocks: dict[int, int] = field(default_factory=dict)
     # The fused GEMM ops' second stream (symcomm.streams.side), made at first use.
     side_stream: object = None
+    # nvshmem backend: reachable[p][q], whether load/store reaches PE q from PE p; node[p], PE p's node;
+    # and how the collectives reach their peers: "p2p" (load/store) or "rma" (NVSHMEM puts and signals).
+    reachable: list[list[bool]] = field(default_factory=list)
+    node: list[int] = field(default_factory=list)
+    transport: str = "p2p"
 
 
 _state: _State | None = None
@@ -235,6 +244,7 @@ def _start_emulated_host(state: _State, workspace_bytes: int) -> None:
     box = [f"{os.getpid()}-{time.monotonic_ns()}"]
     dist.broadcast_object_list(box, src=0)
     emu = load_extension().emu
+    emu.configure(pes_per_node=_env_int(EMU_PES_PER_NODE_ENV) or 0)
     emu.start_process(state.rank, state.world_size, heap_bytes, box[0], state.timeout_s)
     state.nvshmem_up = True
     state.heap = (emu.heap(state.rank), heap_bytes)
@@ -255,14 +265,40 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     state.workspace[: ext.workspace_data_offset()].zero_()
     _synchronize(state)
     dist.barrier()
-    unreachable = problems_on_ranks(None if ext.peers_reachable(state.workspace.data_ptr()) else "some peers are not "
-                                    "reachable by load/store (the kernels need one NVLink domain, or ranks sharing a GPU)")
-    if unreachable:
-        raise RuntimeError(f"init(backend='nvshmem'): {unreachable}")
+    _learn_topology(state, ext)
     state.sms = EMULATED_SMS if emulated() else _agreed_sm_share(state)
     # Blocks per collective kernel: no more than our SMs, whose sum over the ranks on a GPU fits in it,
     # so that the blocks of every rank can run at once (their barriers wait for each other).
     ext.set_max_blocks(min(state.sms, ext.max_blocks))
+
+
+def _node_names(state: _State) -> list[str]:
+    """Each rank's node: its host, or on the emulated device the node SYMCOMM_EMU_PES_PER_NODE puts it on."""
+    if emulated():
+        per_node = _env_int(EMU_PES_PER_NODE_ENV) or state.world_size
+        return [f"emulated node {r // per_node}" for r in range(state.world_size)]
+    names: list[str | None] = [None] * state.world_size
+    dist.all_gather_object(names, socket.gethostname())
+    return names
+
+
+def _learn_topology(state: _State, ext) -> None:
+    """Which peers load/store reaches from every rank and which node each is on, logged one line per
+    node; and the collectives' transport: "rma" where some peer is out of load/store reach or
+    SYMCOMM_TRANSPORT=rma asks for it, else "p2p". The same on every rank."""
+    forced = os.environ.get(TRANSPORT_ENV, "auto")
+    if forced not in TRANSPORTS:
+        raise ValueError(f"{TRANSPORT_ENV}={forced!r}; expected one of {TRANSPORTS}")
+    rows: list[list[bool] | None] = [None] * state.world_size
+    dist.all_gather_object(rows, list(ext.reachable_peers(state.workspace.data_ptr())))
+    names = _node_names(state)
+    state.reachable, state.node = rows, [names.index(n) for n in names]
+    state.transport = "rma" if forced == "rma" or not all(map(all, rows)) else "p2p"
+    for k, name in enumerate(dict.fromkeys(names) if state.rank == 0 else ()):
+        pes = [r for r in range(state.world_size) if names[r] == name]
+        reach = [q for q, ok in enumerate(rows[pes[0]]) if ok]
+        log.info("symcomm topology: node %d (%s): PEs %s; load/store from PE %d reaches PEs %s; transport %s",
+                 k, name, pes, pes[0], reach, state.transport)
 
 
 def _synchronize(state: _State) -> None:
@@ -537,6 +573,19 @@ def sm_count() -> int:
 def workspace() -> torch.Tensor | None:
     """The symmetric workspace (uint8) on the nvshmem backend; None on the torch backend."""
     return _get().workspace
+
+
+def transport() -> str | None:
+    """How the nvshmem backend's collectives reach their peers: "p2p" (load/store through peer
+    pointers: one NVLink domain, or ranks sharing a GPU) or "rma" (NVSHMEM puts with signal: peers
+    on other nodes, or SYMCOMM_TRANSPORT=rma); None on the torch backend."""
+    state = _get()
+    return state.transport if state.backend == "nvshmem" else None
+
+
+def all_reachable() -> bool:
+    """Whether load/store reaches every PE from every PE (what the fused GEMM and MoE kernels need)."""
+    return all(map(all, _get().reachable))
 
 
 def mpg_status() -> int | None:

@@ -8,3 +8,5 @@ void nvshmemi_finalize();
 // Called by every thread of a block: copies, then sets the signal on `pe` once the data is there.
 void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
                                   std::uint64_t signal, int sig_op, int pe);
+// Sets (or adds to) the signal word at sig_addr on `pe`, ordered after the caller's earlier puts to it.
+void nvshmemx_signal_op(std::uint64_t* sig_addr, std::uint64_t signal, int sig_op, int pe);
