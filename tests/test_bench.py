@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import symcomm
 from symcomm.bench import __main__ as bench
 from symcomm.bench import harness
 
@@ -20,6 +21,7 @@ def test_every_benchmark_runs_and_checks_its_output(world, name, tmp_path):
     n = 3 * (3 if name == "all-reduce" and world.backend == "nvshmem" else 1)
     assert [r.count for r in rows] == sorted(r.count for r in rows) and len(rows) == n
     assert all(r.correct and r.time_us > 0 and r.baseline_us > 0 for r in rows)
+    assert {r.transport for r in rows} == {symcomm.transport() or "torch.distributed"}
     for r in rows:
         # Each side's bandwidth from its own time: a baseline twice as slow has half the bandwidth.
         assert r.baseline_busbw_gbs * r.baseline_us == pytest.approx(r.busbw_gbs * min(r.time_us, r.graph_us or r.time_us))
@@ -46,7 +48,7 @@ def test_parse_bytes():
 
 def test_measured_cut_is_the_largest_size_where_one_shot_wins():
     def row(algorithm, nbytes, t):
-        return harness.Row("all-reduce", algorithm, nbytes, 1, "bfloat16", t, t, 1, 1, 1, 1, 1, None, True)
+        return harness.Row("all-reduce", algorithm, "p2p", nbytes, 1, "bfloat16", t, t, 1, 1, 1, 1, 1, None, True)
 
     rows = [row("one_shot", 1024, 5), row("two_shot", 1024, 9), row("one_shot", 4096, 8), row("two_shot", 4096, 8),
             row("one_shot", 16384, 20), row("two_shot", 16384, 12), row("auto/one_shot", 65536, 1)]

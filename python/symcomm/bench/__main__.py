@@ -8,7 +8,7 @@
     torchrun --nproc-per-node 2 -m symcomm.bench gemm       # the GEMM + collective ops (gemm.py)
 
 Per row: size (nccl-tests convention: all-gather counts its output, reduce-scatter its input),
-element count, dtype, algorithm, median time (max over ranks) eager and, on a GPU, replayed from a
+element count, dtype, algorithm, path (p2p: load/store; rma: NVSHMEM puts), median time (max over ranks) eager and, on a GPU, replayed from a
 CUDA graph, algbw = size / time, busbw = algbw x the op's bus factor, the baseline's eager time and
 speedup = baseline / ours, the share of the measured device-to-device copy bandwidth that the bytes
 this algorithm must move through HBM represent (GPU only), and a check of our output.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -135,7 +136,8 @@ def run(name: str, bench: Bench, args, header: dict) -> list[harness.Row]:
                     if not args.symmetric:
                         moved += 2 * count * itemsize  # staging copy
                     hbm = moved * ranks_per_gpu / best / 1e3 / header["d2d_copy_gbs"]
-                rows.append(harness.Row(name, label, size, count, args.dtype, eager, graph, algbw,
+                rows.append(harness.Row(name, label, runtime.transport() or "torch.distributed", size, count,
+                                        args.dtype, eager, graph, algbw,
                                         algbw * bench.bus_factor(world), base,
                                         size / base / 1e3 * bench.bus_factor(world), base / best, hbm, correct))
                 progress.advance()
@@ -197,8 +199,13 @@ def main() -> None:
     parser.add_argument("--symmetric", action="store_true", help="inputs on the symmetric heap (zero copy)")
     parser.add_argument("--algorithms", action="store_true",
                         help="all-reduce: also time one_shot and two_shot and print the measured cut-point")
+    parser.add_argument("--transport", choices=runtime.TRANSPORTS, default=None,
+                        help="nvshmem backend: rma takes the remote path (NVSHMEM puts) to every peer; default: "
+                             "SYMCOMM_TRANSPORT, else auto (load/store wherever it reaches)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="where JSON, CSV and PNG go")
     args = parser.parse_args()
+    if args.transport:
+        os.environ[runtime.TRANSPORT_ENV] = args.transport  # read by init
     if args.factor < 2:
         parser.error("--factor must be at least 2")
 

@@ -20,6 +20,7 @@ from symcomm import runtime
 class Row:
     op: str
     algorithm: str
+    transport: str  # how ours reached its peers: p2p, rma (nvshmem backend), or torch.distributed
     bytes: int
     count: int
     dtype: str
@@ -184,7 +185,7 @@ def check(ok: bool) -> str:
 def table(rows: list[Row]) -> str:
     return format_table(rows, [
         ("size (B)", lambda r: r.bytes, "d"), ("count", lambda r: r.count, "d"), ("dtype", lambda r: r.dtype, ""),
-        ("algorithm", lambda r: r.algorithm, ""), ("eager (us)", lambda r: r.time_us, ".1f"),
+        ("algorithm", lambda r: r.algorithm, ""), ("path", lambda r: r.transport, ""), ("eager (us)", lambda r: r.time_us, ".1f"),
         ("graph (us)", lambda r: r.graph_us, ".1f"), ("algbw GB/s", lambda r: r.algbw_gbs, ".2f"),
         ("busbw GB/s", lambda r: r.busbw_gbs, ".2f"), ("base (us)", lambda r: r.baseline_us, ".1f"),
         ("base busbw", lambda r: r.baseline_busbw_gbs, ".2f"), ("speedup", lambda r: r.speedup, ".2f"), ("of copy", lambda r: r.hbm_fraction, ".0%"),
