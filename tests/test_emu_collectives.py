@@ -87,6 +87,13 @@ def placements(rng, npes: int, allow_staged: bool = True) -> list[str]:
     return p
 
 
+def random_inputs(w: H.World, rng, rows: int, width: int, dtype: str, vec16: bool) -> tuple[Inputs, list]:
+    """Every PE's exact random values, placed in place or staged (where vec16 lets rows be staged)."""
+    staged_ok = not vec16 or rows == 1 or width * H.ITEMSIZE[dtype] % 16 == 0
+    inputs = Inputs(w, rows, width, dtype, vec16, placements(rng, w.npes, allow_staged=staged_ok))
+    return inputs, [H.exact_values(rng, (rows, width)) for _ in range(w.npes)]
+
+
 def result_area(w: H.World) -> int:
     """Two-shot's result area: after the staging area's first 1 MiB."""
     return w.data_offset() + (1 << 20)
@@ -103,9 +110,7 @@ def test_reductions(kernel, npes, dtype, size, vec16):
     rows = npes if kernel == "reduce_scatter" else 1
     isz = H.ITEMSIZE[dtype]
     with H.world(npes) as w:
-        inputs = Inputs(w, rows, width, dtype, vec16, placements(rng, npes, allow_staged=not vec16 or rows == 1
-                                                                      or width * isz % 16 == 0))
-        values = [H.exact_values(rng, (rows, width)) for _ in range(npes)]
+        inputs, values = random_inputs(w, rng, rows, width, dtype, vec16)
         outs = []
         for pe in range(npes):
             src = inputs.place(pe, values[pe])
@@ -154,9 +159,7 @@ def test_remote_path(kernel, vec16, npes, pes_per_node, dtype, size):
     if gathers:
         vec16 = width * isz % 16 == 0
     with H.world(npes, pes_per_node=pes_per_node) as w:
-        inputs = Inputs(w, rows, width, dtype, vec16, placements(rng, npes, allow_staged=not vec16 or rows == 1
-                                                                      or width * isz % 16 == 0))
-        values = [H.exact_values(rng, (rows, width)) for _ in range(npes)]
+        inputs, values = random_inputs(w, rng, rows, width, dtype, vec16)
         outs = []
         for pe in range(npes):
             src = inputs.place(pe, values[pe])
