@@ -37,6 +37,15 @@ void call(std::uintptr_t workspace, std::uintptr_t src, std::int64_t src_pitch, 
       vec16, stream});
 }
 
+// The push kernels' entry points: the same, then the team they run among (team_size 0: every PE).
+template <void (*Fn)(const symcomm::CollectiveCall&)>
+void push_call(std::uintptr_t workspace, std::uintptr_t src, std::int64_t src_pitch, int row, std::int64_t len,
+               std::uintptr_t dst, std::int64_t dst_pitch, std::int64_t result_offset, int dtype, bool vec16,
+               std::uintptr_t stream, int team_first, int team_stride, int team_size) {
+  Fn({workspace, src, src_pitch, row, len, dst, dst_pitch, result_offset, static_cast<symcomm::DType>(dtype),
+      vec16, stream, {team_first, team_stride, team_size}});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(SYMCOMM_MODULE, m) {
@@ -69,8 +78,10 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
   m.def("reduce", &call<symcomm::reduce>, collective_doc);
   m.def("gather", &call<symcomm::gather>, collective_doc);
   m.def("two_shot_all_reduce", &call<symcomm::two_shot_all_reduce>, collective_doc);
-  m.def("push_reduce", &call<symcomm::push_reduce>, collective_doc);
-  m.def("push_gather", &call<symcomm::push_gather>, collective_doc);
+  const char* push_doc = "(workspace, src, src_pitch, row, len, dst, dst_pitch, inbox_offset, dtype, vec16, stream, "
+                         "team_first, team_stride, team_size); sizes in bytes, team_size 0 = every PE";
+  m.def("push_reduce", &push_call<symcomm::push_reduce>, push_doc);
+  m.def("push_gather", &push_call<symcomm::push_gather>, push_doc);
   m.def("set_max_blocks", &symcomm::set_max_blocks, py::arg("n"));
   m.attr("max_blocks") = symcomm::kMaxBlocks;
   m.attr("max_peers") = symcomm::kMaxPeers;

@@ -72,8 +72,11 @@ MUTATIONS = {
         "csrc/moe/moe.cu", "acc[n] += w[j] * static_cast<float>(r.v[n]);", "acc[n] += static_cast<float>(r.v[n]);",
         "test_emu_moe.py"),
     "the remote path puts into the receiver's slot instead of the sender's": (
-        "csrc/collectives/collectives.cu", "nvshmemx_putmem_signal_block(inbox + me * slot_bytes + from,",
+        "csrc/collectives/collectives.cu", "nvshmemx_putmem_signal_block(inbox + my_index * slot_bytes + from,",
         "nvshmemx_putmem_signal_block(inbox + q * slot_bytes + from,", "test_emu_collectives.py -k remote_path"),
+    "the remote path puts into the slot of its PE number, not of its place in the team": (
+        "csrc/collectives/collectives.cu", "nvshmemx_putmem_signal_block(inbox + my_index * slot_bytes + from,",
+        "nvshmemx_putmem_signal_block(inbox + me * slot_bytes + from,", "test_emu_collectives.py -k hierarchical"),
     "the remote path reads its inbox before the puts are in": (
         "csrc/collectives/collectives.cu",
         '  if (threadIdx.x < a.npes) wait_geq(&a.ws.slot(blockIdx.x, threadIdx.x)->flag, seq, "a put", threadIdx.x);\n',

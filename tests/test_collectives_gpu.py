@@ -13,7 +13,7 @@ import torch
 
 import symcomm
 from harness import assert_close, assert_gemm_close, on_gpu, seed_of, sum_ref
-from symcomm import runtime
+from symcomm import collectives, runtime
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu]
 ops = torch.ops.symcomm
@@ -107,15 +107,23 @@ def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen, sym):
         assert torch.equal(out.view(torch.uint8), torch.cat(xs, 1).view(torch.uint8)), dtype
 
 
-def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kernels_within_a_node(world, gen, sym):
+def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kernels_within_a_node(world, gen, sym,
+                                                                                                 monkeypatch):
     """Where some rank is out of load/store reach (another node; on the emulated device,
-    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, the fused GEMM path refuses with
-    the reason while 'auto' computes unfused, and MoE says it has no remote path yet, on every rank."""
+    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, all-reduce hierarchically where
+    nodes hold several ranks each; the fused GEMM path refuses with the reason while 'auto' computes
+    unfused, and MoE says it has no remote path yet, on every rank."""
     per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0")) if runtime.emulated() else 0
     split = 0 < per_node < world.world_size
     assert runtime.all_reachable() == (not split)
     forced = os.environ.get("SYMCOMM_TRANSPORT", "auto") == "rma"
     assert symcomm.transport() == ("rma" if split or forced else "p2p")
+    hierarchical = []
+    run = collectives._hierarchical_all_reduce
+    monkeypatch.setattr(collectives, "_hierarchical_all_reduce", lambda *a: hierarchical.append(a[3:]) or run(*a))
+    xs = on_gpu(world, seed_of(gen), (3, 1001), torch.float32)
+    assert_close(ops.all_reduce(xs[world.rank]), *sum_ref(xs), dtype=torch.float32)
+    assert hierarchical == ([(world.world_size // per_node, per_node)] if split and per_node > 1 else [])
     a, b = (on_gpu(world, seed_of(gen), shape, torch.bfloat16) for shape in ((64, 32), (32, 48)))
     assert_gemm_close(ops.gemm_all_reduce(a[world.rank], b[world.rank]), a, b)
     if not split:

@@ -29,6 +29,7 @@ struct Args {
   char* dst;
   std::int64_t dst_pitch;  // bytes
   std::int64_t result_offset;
+  Team team;  // push kernels: the PEs they run among (size resolved: never 0)
 };
 
 template <typename T>
@@ -166,16 +167,18 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
   s.close();
 }
 
-// The remote path, for peers that load/store may not reach: no peer pointer anywhere. Block b of
-// every PE puts its share [lo, hi) of the row meant for PE q (row q of a per-destination input,
-// pitch > 0; else its one row) into q's inbox, slot `me`, with a signal on q's flag (b, me); once
-// every sender's signal is in, it reduces (Reduce) or copies the same share of its own inbox's slots
-// into dst. The closing barrier keeps a sender's next call out of the inbox until then. T is the
-// element type when reducing, bytes (16-byte units) when copying.
+// The remote path, for peers that load/store may not reach: no peer pointer anywhere. Among the PEs
+// of a.team (every PE, or one node's, or one rank of every node's), block b of each puts its share
+// [lo, hi) of the row meant for team member q (row q of a per-destination input, pitch > 0; else its
+// one row) into q's inbox, slot `my team index`, with a signal on q's flag (b, me); once every
+// member's signal is in, it reduces (Reduce) or copies the same share of its own inbox's slots into
+// dst. The closing barrier keeps a member's next call out of the inbox until then. T is the element
+// type when reducing, bytes (16-byte units) when copying.
 template <typename T, int N, bool Reduce>
 __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
-  Session s = Session::resume(a.ws, a.npes, a.mine, /*rma=*/true);
-  const int me = nvshmem_my_pe();
+  const Team t = a.team;
+  Session s = Session::resume(a.ws, t.size, a.mine, /*rma=*/true, t.first, t.stride);
+  const int me = nvshmem_my_pe(), my_index = (me - t.first) / t.stride;
   const std::int64_t slot_bytes = (a.len * static_cast<std::int64_t>(sizeof(T)) + 15) / 16 * 16;
   char* inbox = a.ws.base + a.result_offset;
   const char* src = a.ws.base + a.mine.offset;
@@ -184,23 +187,27 @@ __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
   const std::int64_t from = lo * sizeof(T), bytes = (hi - lo) * sizeof(T);
   const std::uint64_t seq = ++s.seq;
   std::uint64_t* flag = &a.ws.slot(blockIdx.x, me)->flag;
-  for (int q = 0; q < a.npes; ++q) {
+  for (int q = 0; q < t.size; ++q) {
+    const int pe = t.first + q * t.stride;
     if (bytes > 0)
-      nvshmemx_putmem_signal_block(inbox + me * slot_bytes + from, src + q * a.mine.pitch + from, bytes, flag, seq,
-                                   NVSHMEM_SIGNAL_SET, q);
+      nvshmemx_putmem_signal_block(inbox + my_index * slot_bytes + from, src + q * a.mine.pitch + from, bytes, flag,
+                                   seq, NVSHMEM_SIGNAL_SET, pe);
     else if (threadIdx.x == 0)
-      nvshmemx_signal_op(flag, seq, NVSHMEM_SIGNAL_SET, q);
+      nvshmemx_signal_op(flag, seq, NVSHMEM_SIGNAL_SET, pe);
   }
-  if (threadIdx.x < a.npes) wait_geq(&a.ws.slot(blockIdx.x, threadIdx.x)->flag, seq, "a put", threadIdx.x);
+  if (threadIdx.x < t.size) {
+    const int pe = t.first + static_cast<int>(threadIdx.x) * t.stride;
+    wait_geq(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);
+  }
   __syncthreads();
   if constexpr (Reduce) {
     const T* rows[kMaxPeers];
 #pragma unroll
     for (int q = 0; q < kMaxPeers; ++q)
-      rows[q] = q < a.npes ? reinterpret_cast<const T*>(inbox + q * slot_bytes) : nullptr;
-    sum_range<T, N>(rows, a.npes, reinterpret_cast<T*>(a.dst), lo, hi);
+      rows[q] = q < t.size ? reinterpret_cast<const T*>(inbox + q * slot_bytes) : nullptr;
+    sum_range<T, N>(rows, t.size, reinterpret_cast<T*>(a.dst), lo, hi);
   } else {
-    for (int q = 0; q < a.npes; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);
+    for (int q = 0; q < t.size; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);
   }
   s.close();
 }
@@ -229,9 +236,16 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
                          c.dst_pitch % 16 == 0 && c.result_offset % 16 == 0;
     SYMCOMM_CHECK(aligned, "vec16 was requested for addresses or pitches that are not 16-byte multiples");
   }
+  const Team team{c.team.first, c.team.stride, c.team.size == 0 ? npes : c.team.size};
+  const int me = nvshmem_my_pe();
+  SYMCOMM_CHECK(team.first >= 0 && team.stride >= 1 && team.size >= 1 &&
+                    team.first + (team.size - 1) * team.stride < npes && me >= team.first &&
+                    (me - team.first) % team.stride == 0 && (me - team.first) / team.stride < team.size,
+                "team (first " + std::to_string(team.first) + ", stride " + std::to_string(team.stride) + ", size " +
+                    std::to_string(team.size) + ") is not a set of PEs that holds PE " + std::to_string(me));
   auto* ws = reinterpret_cast<char*>(c.workspace);
   return Args{Workspace{ws}, npes, Payload{static_cast<std::int64_t>(c.src - c.workspace), c.src_pitch}, c.row,
-              c.len / itemsize, reinterpret_cast<char*>(c.dst), c.dst_pitch, c.result_offset};
+              c.len / itemsize, reinterpret_cast<char*>(c.dst), c.dst_pitch, c.result_offset, team};
 }
 
 // The N-wide kernel when the call allows 16-byte vectors, the scalar one otherwise.

@@ -17,6 +17,14 @@ namespace symcomm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
+// The PEs a remote-path call runs among: first, first + stride, ... (size of them; 0: every PE), as
+// a hierarchical collective's steps use the PEs of one node or one rank of every node.
+struct Team {
+  int first = 0;
+  int stride = 1;
+  int size = 0;
+};
+
 struct CollectiveCall {
   std::uintptr_t workspace;     // this PE's symmetric workspace
   std::uintptr_t src;           // this PE's input (symmetric: in place, or staged in the workspace)
@@ -30,6 +38,7 @@ struct CollectiveCall {
   DType dtype;                  // reductions only
   bool vec16;                   // reductions: every address and pitch is a multiple of 16 bytes
   std::uintptr_t stream;
+  Team team = {};               // push kernels only; the others run among every PE
 };
 
 // dst[i] = sum over PEs q of q's input row `row` (one-shot all-reduce: row 0; reduce-scatter: row = me).
@@ -42,8 +51,9 @@ void gather(const CollectiveCall& c);
 // every PE reads all shares. Moves 2(n-1)/n of the data per PE instead of (n-1).
 void two_shot_all_reduce(const CollectiveCall& c);
 
-// reduce and gather over the remote path: PE q's row for this PE (row `me` when src_pitch > 0, else its
-// one row) reaches this PE's inbox by a put, and is summed or copied from there.
+// reduce and gather over the remote path, among the PEs of c.team: team member q's row for this PE
+// (row `my team index` when src_pitch > 0, else its one row) reaches this PE's inbox slot q by a put,
+// and is summed or copied (to dst row q) from there.
 void push_reduce(const CollectiveCall& c);
 void push_gather(const CollectiveCall& c);
 

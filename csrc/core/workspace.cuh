@@ -82,13 +82,14 @@ struct Workspace {
 //
 // With rma (the remote path: peers that load/store may not reach) the flag is set by NVSHMEM's
 // signal operation instead, through whatever transport reaches the peer, and carries no payload:
-// the remote-path kernels push their data and never read a peer's input.
+// the remote-path kernels push their data and never read a peer's input. Such a barrier may be among
+// a team of PEs (first, first + stride, ...: count of them), every PE in it; flags stay per sending PE.
 __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_t seq, Payload payload,
-                                     Payload* peer_payload, bool rma) {
+                                     Payload* peer_payload, bool rma, int first = 0, int stride = 1) {
   const int me = nvshmem_my_pe();
-  const int q = threadIdx.x;
+  const int q = rma ? first + static_cast<int>(threadIdx.x) * stride : threadIdx.x;
   __syncthreads();
-  if (q < npes) {
+  if (threadIdx.x < npes) {
     // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
     __threadfence_system();
     if (rma) {
@@ -115,10 +116,11 @@ __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_
 // resume() continues a sequence a previous kernel on the same stream left open.
 struct Session {
   Workspace ws;
-  int npes;
+  int npes;  // the PEs that meet: all of them, or with rma a team's (first, first + stride, ...)
   Payload mine;
   std::uint64_t seq;
   bool rma = false;  // meet through NVSHMEM signals (see block_barrier)
+  int first = 0, stride = 1;
 
   __device__ static Session open(Workspace ws, int npes, Payload mine, Payload* peers) {
     Session s = resume(ws, npes, mine);
@@ -126,13 +128,14 @@ struct Session {
     return s;
   }
   // Picks up where the previous kernel of this block index left off, without meeting.
-  __device__ static Session resume(Workspace ws, int npes, Payload mine, bool rma = false) {
+  __device__ static Session resume(Workspace ws, int npes, Payload mine, bool rma = false, int first = 0,
+                                   int stride = 1) {
     __shared__ std::uint64_t start;
     if (threadIdx.x == 0) start = *ws.seq(blockIdx.x);
     __syncthreads();
-    return Session{ws, npes, mine, start, rma};
+    return Session{ws, npes, mine, start, rma, first, stride};
   }
-  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers, rma); }
+  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers, rma, first, stride); }
   __device__ void save() {
     if (threadIdx.x == 0) *ws.seq(blockIdx.x) = seq;
   }

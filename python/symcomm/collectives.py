@@ -14,7 +14,8 @@ kernels in the same order (the kernels' barriers count on that).
 On the remote path (runtime.transport() == "rma": some peer on another node, or SYMCOMM_TRANSPORT=rma)
 nobody reads a peer: every rank puts the rows meant for each peer into that peer's inbox, a second
 area of the workspace after the staging area, and reduces or copies from its own inbox (push_reduce,
-push_gather). All-reduce is then one-shot: each rank receives every input.
+push_gather). All-reduce is then one-shot (each rank receives every input), or, where the ranks sit
+on several nodes of several ranks each, hierarchical: inside the node, across, inside again.
 """
 
 from __future__ import annotations
@@ -59,18 +60,20 @@ def _round_down(n: int, multiple: int) -> int:
     return n // multiple * multiple
 
 
-def _source(ctx: _Context, rows: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+def _source(ctx: _Context, rows: torch.Tensor, lo: int, hi: int, staging: int | None = None) -> tuple[int, int]:
     """(address, row pitch in bytes) of columns [lo, hi) of every row of `rows` ([R, C], contiguous),
-    in place when it is symmetric and aligned, else after copying them into the staging area."""
+    in place when it is symmetric and aligned, else after copying them into the staging area (at
+    `staging`, an address in the data area; default its start)."""
     itemsize, n_rows, width = rows.element_size(), rows.shape[0], hi - lo
     # One row has no pitch; giving it none keeps the 16-byte check about the sizes that matter.
     multi = n_rows > 1
     if runtime.is_symmetric(rows) and rows.data_ptr() % 16 == 0:
         return rows.data_ptr() + lo * itemsize, rows.shape[1] * itemsize * multi
-    start = ctx.data - ctx.workspace
+    staging = ctx.data if staging is None else staging
+    start = staging - ctx.workspace
     staged = runtime.workspace()[start:start + n_rows * width * itemsize].view(rows.dtype).view(n_rows, width)
     staged.copy_(rows[:, lo:hi])
-    return ctx.data, width * itemsize * multi
+    return staging, width * itemsize * multi
 
 
 def _chunks(columns: int, itemsize: int, capacity_bytes: int):
@@ -94,19 +97,59 @@ def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst:
     streams.launched(ctx.stream)
 
 
-def _push(kernel: str, ctx: _Context, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch: int) -> None:
-    """The remote path of every collective: rows ([1 or world, C]) staged at the front of the data area,
-    the inbox (world slots of one chunk each) after it, chunks of columns that fit both."""
+# The remote path's thirds of the data area: flat calls among every rank, and a hierarchical
+# all-reduce's steps inside a node and across the nodes. A step's peers are not the peers of the step
+# before (a rank on another node may run ahead into the next step), so no two kinds of step share an
+# inbox: each kind's closing barrier guards only its own.
+FLAT, NODE, RAIL = range(3)
+EVERY_RANK = (0, 1, 0)  # a team: (first, stride, size); size 0 is every rank
+
+
+def _push(kernel: str, ctx: _Context, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch: int,
+          region: int = FLAT, team: tuple[int, int, int] = EVERY_RANK) -> None:
+    """The remote path of every collective, among `team`: rows ([1 or team size, C]) staged at the front
+    of `region` of the data area, the inbox (a slot of one chunk per member) after them, chunks of
+    columns that fit both."""
     isz, c, n_rows = x.element_size(), rows.shape[1], rows.shape[0]
-    chunk = _round_down(ctx.data_bytes // (n_rows + ctx.world) - 16, 16)
-    inbox = ctx.data - ctx.workspace + n_rows * chunk
+    members = team[2] or ctx.world
+    third = _round_down(ctx.data_bytes // 3, 256)
+    base = ctx.data + region * third
+    chunk = _round_down(third // (n_rows + members) - 16, 16)
+    inbox = base - ctx.workspace + n_rows * chunk
     fn = getattr(ctx.ext, kernel)
     for lo, hi in _chunks(c, isz, chunk):
         # The kernels' block split follows vec16, so it must not depend on where a rank's input is:
         # sizes decide, as for the exchanges.
         vec16 = _vec16((hi - lo) * isz, c * isz) if n_rows > 1 else _vec16(dst_pitch)
-        _launch(fn, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz, dst_pitch,
-                x.dtype, vec16, inbox)
+        fn(ctx.workspace, *_source(ctx, rows, lo, hi, base), 0, (hi - lo) * isz, out.data_ptr() + lo * isz, dst_pitch,
+           inbox, DTYPE_CODES.get(x.dtype, 0), vec16, ctx.stream.cuda_stream, *team)
+        streams.launched(ctx.stream)
+
+
+def _nodes(ctx: _Context) -> tuple[int, int] | None:
+    """(nodes, ranks per node) where the ranks sit on several nodes, the same number on each and in
+    rank order (as torchrun places them), several per node; else None (the flat path)."""
+    node = runtime.nodes()
+    per_node = node.count(0)
+    if per_node < 2 or per_node == ctx.world or ctx.world % per_node:
+        return None
+    return (ctx.world // per_node, per_node) if node == [r // per_node for r in range(ctx.world)] else None
+
+
+def _hierarchical_all_reduce(ctx: _Context, x: torch.Tensor, rows: torch.Tensor, nodes: int, per_node: int):
+    """Reduce-scatter inside the node, all-reduce of this rank's 1/per_node across the nodes (one rank
+    of each: its rail), all-gather inside the node: off-node bytes cross the network once per node."""
+    n, isz = rows.shape[1], x.element_size()
+    c = -(-n // per_node)
+    padded = rows if n == c * per_node else torch.cat((rows, rows.new_zeros(1, c * per_node - n)), 1)
+    node_team = (ctx.rank // per_node * per_node, 1, per_node)
+    rail_team = (ctx.rank % per_node, per_node, nodes)
+    part, summed = rows.new_empty(c), rows.new_empty(c)
+    gathered = rows.new_empty(per_node, c)
+    _push("push_reduce", ctx, x, padded.view(per_node, c), part, 0, NODE, node_team)
+    _push("push_reduce", ctx, x, part.view(1, c), summed, 0, RAIL, rail_team)
+    _push("push_gather", ctx, x, summed.view(1, c), gathered, c * isz, NODE, node_team)
+    return gathered.view(-1)[:n]
 
 
 def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -137,6 +180,8 @@ def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     if ctx.world == 1:
         return x.clone(memory_format=torch.contiguous_format)
     rows = _rows(x, 1)
+    if ctx.rma and (layout := _nodes(ctx)):
+        return _hierarchical_all_reduce(ctx, x, rows, *layout).view(x.shape)
     out = torch.empty_like(rows)
     isz, n = x.element_size(), rows.shape[1]
     if ctx.rma:

@@ -292,9 +292,10 @@ def _learn_topology(state: _State, ext) -> None:
     rows: list[list[bool] | None] = [None] * state.world_size
     dist.all_gather_object(rows, list(ext.reachable_peers(state.workspace.data_ptr())))
     names = _node_names(state)
-    state.reachable, state.node = rows, [names.index(n) for n in names]
+    unique = list(dict.fromkeys(names))
+    state.reachable, state.node = rows, [unique.index(n) for n in names]
     state.transport = "rma" if forced == "rma" or not all(map(all, rows)) else "p2p"
-    for k, name in enumerate(dict.fromkeys(names) if state.rank == 0 else ()):
+    for k, name in enumerate(unique if state.rank == 0 else ()):
         pes = [r for r in range(state.world_size) if names[r] == name]
         reach = [q for q, ok in enumerate(rows[pes[0]]) if ok]
         log.info("symcomm topology: node %d (%s): PEs %s; load/store from PE %d reaches PEs %s; transport %s",
@@ -581,6 +582,11 @@ def transport() -> str | None:
     on other nodes, or SYMCOMM_TRANSPORT=rma); None on the torch backend."""
     state = _get()
     return state.transport if state.backend == "nvshmem" else None
+
+
+def nodes() -> list[int]:
+    """The node of every rank (nvshmem backend; [] on the torch backend), numbered in rank order."""
+    return list(_get().node)
 
 
 def all_reachable() -> bool:

@@ -5,11 +5,12 @@ published figures (the README's "Beyond one node" table is this module's output)
 
 Terms (per GPU, per direction): B_NVL, the NVLink bandwidth a copy kernel achieves; B_NIC, one
 400 Gb/s NIC per GPU (its rail); A_NVL and A_NET, the latency of one signalled step over NVLink and
-over the network. Hierarchical means the plan of the multi-node issue: reduce (or gather) inside the
-node over NVLink, cross the network once per destination node on each GPU's own rail, finish inside
-the node, the phases pipelined in chunks so that the slower one sets the time. Flat is what symcomm's
-remote path does today: every PE puts its whole message to every other PE, so off-node traffic
-crosses the network once per remote GPU, not once per remote node.
+over the network. Hierarchical: reduce (or gather) inside the node over NVLink, cross the network
+once per destination node on each GPU's own rail, finish inside the node, the phases pipelined in
+chunks so that the slower one sets the time (symcomm's remote-path all-reduce has the three steps,
+not yet the pipelining; MoE has no remote path yet). Flat: every PE puts its whole message to every
+other PE, so off-node traffic crosses the network once per remote GPU, not once per remote node (the
+remote path's all-gather, reduce-scatter and all-to-all today).
 
 What it leaves out: NVLS/SHARP in-switch reduction (NCCL's large all-reduce uses it), congestion and
 adaptive routing, NIC message rates for small puts, GPU-NIC affinity, kernel launch and host
@@ -86,7 +87,7 @@ def _us(s: float) -> str:
 
 def table() -> str:
     """The README's table: model next to published figures."""
-    rows = ["| op | size | nodes x 8 | hierarchical (model) | flat push, today (model) | published |",
+    rows = ["| op | size | nodes x 8 | hierarchical (model) | flat push (model) | published |",
             "|---|---|---|---|---|---|"]
     for name, tokens in SIZES.items():
         nbytes = tokens * HIDDEN * 2
