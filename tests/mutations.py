@@ -79,12 +79,12 @@ MUTATIONS = {
         "nvshmemx_putmem_signal_block(inbox + me * slot_bytes + from,", "test_emu_collectives.py -k hierarchical"),
     "the remote path reads its inbox before the puts are in": (
         "csrc/collectives/collectives.cu",
-        '  if (threadIdx.x < a.npes) wait_geq(&a.ws.slot(blockIdx.x, threadIdx.x)->flag, seq, "a put", threadIdx.x);\n',
-        "", "test_emu_collectives.py -k remote_path"),
+        '    wait_geq(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);\n', "",
+        "test_emu_collectives.py -k remote_path"),
     "the remote path lets a sender refill the inbox being read": (
         "csrc/collectives/collectives.cu",
-        "for (int q = 0; q < a.npes; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);\n  }\n  s.close();",
-        "for (int q = 0; q < a.npes; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);\n  }\n  s.save();",
+        "for (int q = 0; q < t.size; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);\n  }\n  s.close();",
+        "for (int q = 0; q < t.size; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);\n  }\n  s.save();",
         "test_emu_collectives.py -k back_to_back"),
     "a flag store without release ordering": (
         "csrc/core/memory.cuh", "__atomic_store_n(p, v, __ATOMIC_RELEASE);", "__atomic_store_n(p, v, __ATOMIC_RELAXED);",
