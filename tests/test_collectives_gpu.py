@@ -120,7 +120,7 @@ def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kerne
     assert symcomm.transport() == ("rma" if split or forced else "p2p")
     hierarchical = []
     run = collectives._hierarchical_all_reduce
-    monkeypatch.setattr(collectives, "_hierarchical_all_reduce", lambda *a: hierarchical.append(a[3:]) or run(*a))
+    monkeypatch.setattr(collectives, "_hierarchical_all_reduce", lambda *a: hierarchical.append(a[2:]) or run(*a))
     xs = on_gpu(world, seed_of(gen), (3, 1001), torch.float32)
     assert_close(ops.all_reduce(xs[world.rank]), *sum_ref(xs), dtype=torch.float32)
     assert hierarchical == ([(world.world_size // per_node, per_node)] if split and per_node > 1 else [])

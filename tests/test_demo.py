@@ -18,6 +18,7 @@ from symcomm.demo.__main__ import TIMEOUT_S
 from symcomm.demo.llama import DemoRank
 from symcomm.demo.rpc import RemoteError, RpcRunner
 from symcomm.nn import LlamaConfig, ParallelLlama, choose_plan
+from test_model import cached_decode
 
 SMOLLM2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                       num_kv_heads=3)
@@ -37,11 +38,8 @@ class CheckedRank(DemoRank):
         model, ids = self.models["parallel"], self.ids
         tokens = torch.randint(0, self.config.vocab_size, (ids.shape[0], steps), generator=torch.Generator())
         full = torch.cat((ids, tokens), 1)
-        cache = model.new_cache(ids.shape[0], full.shape[1])
-        cached = [model(ids, cache=cache)]
-        for t in range(ids.shape[1], full.shape[1]):
-            cached.append(model(full[:, t:t + 1], torch.tensor([t]), cache=cache))
-        return (torch.cat(cached, 1) - model(full)).abs().max().item()
+        cached = cached_decode(model, full, ids.shape[1], model.new_cache(ids.shape[0], full.shape[1]))
+        return (cached - model(full)).abs().max().item()
 
     def build(self, plan: str) -> None:
         ParallelLlama(self.config, plan, device="meta")

@@ -177,8 +177,8 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
 template <typename T, int N, bool Reduce>
 __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
   const Team t = a.team;
-  Session s = Session::resume(a.ws, t.size, a.mine, /*rma=*/true, t.first, t.stride);
-  const int me = nvshmem_my_pe(), my_index = (me - t.first) / t.stride;
+  Session s = Session::resume(a.ws, t, a.mine, /*rma=*/true);
+  const int me = nvshmem_my_pe(), my_index = t.index(me);
   const std::int64_t slot_bytes = (a.len * static_cast<std::int64_t>(sizeof(T)) + 15) / 16 * 16;
   char* inbox = a.ws.base + a.result_offset;
   const char* src = a.ws.base + a.mine.offset;
@@ -188,15 +188,15 @@ __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
   const std::uint64_t seq = ++s.seq;
   std::uint64_t* flag = &a.ws.slot(blockIdx.x, me)->flag;
   for (int q = 0; q < t.size; ++q) {
-    const int pe = t.first + q * t.stride;
+    const int pe = t.pe(q);
     if (bytes > 0)
       nvshmemx_putmem_signal_block(inbox + my_index * slot_bytes + from, src + q * a.mine.pitch + from, bytes, flag,
                                    seq, NVSHMEM_SIGNAL_SET, pe);
     else if (threadIdx.x == 0)
       nvshmemx_signal_op(flag, seq, NVSHMEM_SIGNAL_SET, pe);
   }
-  if (threadIdx.x < t.size) {
-    const int pe = t.first + static_cast<int>(threadIdx.x) * t.stride;
+  if (static_cast<int>(threadIdx.x) < t.size) {
+    const int pe = t.pe(threadIdx.x);
     wait_geq(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);
   }
   __syncthreads();
@@ -238,9 +238,8 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
   }
   const Team team{c.team.first, c.team.stride, c.team.size == 0 ? npes : c.team.size};
   const int me = nvshmem_my_pe();
-  SYMCOMM_CHECK(team.first >= 0 && team.stride >= 1 && team.size >= 1 &&
-                    team.first + (team.size - 1) * team.stride < npes && me >= team.first &&
-                    (me - team.first) % team.stride == 0 && (me - team.first) / team.stride < team.size,
+  SYMCOMM_CHECK(team.first >= 0 && team.stride >= 1 && team.size >= 1 && team.pe(team.size - 1) < npes &&
+                    me >= team.first && (me - team.first) % team.stride == 0 && team.index(me) < team.size,
                 "team (first " + std::to_string(team.first) + ", stride " + std::to_string(team.stride) + ", size " +
                     std::to_string(team.size) + ") is not a set of PEs that holds PE " + std::to_string(me));
   auto* ws = reinterpret_cast<char*>(c.workspace);

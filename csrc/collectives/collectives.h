@@ -12,18 +12,11 @@
 #include <vector>
 
 #include "core/limits.h"
+#include "core/team.h"
 
 namespace symcomm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
-
-// The PEs a remote-path call runs among: first, first + stride, ... (size of them; 0: every PE), as
-// a hierarchical collective's steps use the PEs of one node or one rank of every node.
-struct Team {
-  int first = 0;
-  int stride = 1;
-  int size = 0;
-};
 
 struct CollectiveCall {
   std::uintptr_t workspace;     // this PE's symmetric workspace

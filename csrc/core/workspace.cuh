@@ -21,6 +21,7 @@
 #include <nvshmemx.h>
 
 #include "core/limits.h"
+#include "core/team.h"
 #include "core/wait.cuh"
 
 namespace symcomm {
@@ -82,14 +83,15 @@ struct Workspace {
 //
 // With rma (the remote path: peers that load/store may not reach) the flag is set by NVSHMEM's
 // signal operation instead, through whatever transport reaches the peer, and carries no payload:
-// the remote-path kernels push their data and never read a peer's input. Such a barrier may be among
-// a team of PEs (first, first + stride, ...: count of them), every PE in it; flags stay per sending PE.
-__device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_t seq, Payload payload,
-                                     Payload* peer_payload, bool rma, int first = 0, int stride = 1) {
+// the remote-path kernels push their data and never read a peer's input. The PEs that meet are a
+// team (every PE, or with rma a node's or a rail's); flags stay per sending PE, and peer_payload[q]
+// is indexed by PE.
+__device__ inline void block_barrier(const Workspace& ws, const Team& team, std::uint64_t seq, Payload payload,
+                                     Payload* peer_payload, bool rma) {
   const int me = nvshmem_my_pe();
-  const int q = rma ? first + static_cast<int>(threadIdx.x) * stride : threadIdx.x;
+  const int q = team.pe(threadIdx.x);
   __syncthreads();
-  if (threadIdx.x < npes) {
+  if (static_cast<int>(threadIdx.x) < team.size) {
     // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
     __threadfence_system();
     if (rma) {
@@ -116,26 +118,24 @@ __device__ inline void block_barrier(const Workspace& ws, int npes, std::uint64_
 // resume() continues a sequence a previous kernel on the same stream left open.
 struct Session {
   Workspace ws;
-  int npes;  // the PEs that meet: all of them, or with rma a team's (first, first + stride, ...)
+  Team team;  // the PEs that meet: every PE, or with rma a node's or a rail's
   Payload mine;
   std::uint64_t seq;
-  bool rma = false;  // meet through NVSHMEM signals (see block_barrier)
-  int first = 0, stride = 1;
+  bool rma;  // meet through NVSHMEM signals (see block_barrier)
 
   __device__ static Session open(Workspace ws, int npes, Payload mine, Payload* peers) {
-    Session s = resume(ws, npes, mine);
+    Session s = resume(ws, Team{0, 1, npes}, mine);
     s.meet(peers);
     return s;
   }
   // Picks up where the previous kernel of this block index left off, without meeting.
-  __device__ static Session resume(Workspace ws, int npes, Payload mine, bool rma = false, int first = 0,
-                                   int stride = 1) {
+  __device__ static Session resume(Workspace ws, Team team, Payload mine, bool rma = false) {
     __shared__ std::uint64_t start;
     if (threadIdx.x == 0) start = *ws.seq(blockIdx.x);
     __syncthreads();
-    return Session{ws, npes, mine, start, rma, first, stride};
+    return Session{ws, team, mine, start, rma};
   }
-  __device__ void meet(Payload* peers) { block_barrier(ws, npes, ++seq, mine, peers, rma, first, stride); }
+  __device__ void meet(Payload* peers) { block_barrier(ws, team, ++seq, mine, peers, rma); }
   __device__ void save() {
     if (threadIdx.x == 0) *ws.seq(blockIdx.x) = seq;
   }

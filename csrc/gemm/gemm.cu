@@ -176,7 +176,7 @@ __device__ void all_gather_bands(const CommArgs& a, std::uint64_t tag) {
 
 template <typename T>
 __global__ void __launch_bounds__(kCommThreads) gemm_comm_kernel(CommArgs a) {
-  Session session = Session::resume(a.ws, a.npes, Payload{0, 0});
+  Session session = Session::resume(a.ws, Team{0, 1, a.npes}, Payload{0, 0});
   __shared__ std::uint64_t shared_tag;
   if (threadIdx.x == 0) shared_tag = load_tag(a.ws.gemm_epoch());
   __syncthreads();

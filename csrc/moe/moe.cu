@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads) moe_counts_kernel(MoeArgs a) {
 // ends only once every row bound for it has landed). Runs right after moe_counts_kernel on the same
 // stream, which already met everyone, so it starts without a barrier.
 __global__ void __launch_bounds__(kThreads) moe_dispatch_kernel(MoeArgs a) {
-  Session s = Session::resume(a.ws, a.npes, a.mine);
+  Session s = Session::resume(a.ws, Team{0, 1, a.npes}, a.mine);
   const int me = nvshmem_my_pe();
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int pairs = a.tokens * a.top_k;

@@ -91,9 +91,10 @@ def _vec16(*pitches: int) -> bool:
 
 
 def _launch(fn, ctx: _Context, src: tuple[int, int], row: int, length: int, dst: int, dst_pitch: int,
-            dtype: torch.dtype, vec16: bool, result_offset: int = 0) -> None:
+            dtype: torch.dtype, vec16: bool, result_offset: int = 0, team: tuple[int, ...] = ()) -> None:
+    """One kernel call; the push kernels also take their team (first, stride, size)."""
     fn(ctx.workspace, src[0], src[1], row, length, dst, dst_pitch, result_offset, DTYPE_CODES.get(dtype, 0), vec16,
-       ctx.stream.cuda_stream)
+       ctx.stream.cuda_stream, *team)
     streams.launched(ctx.stream)
 
 
@@ -105,12 +106,12 @@ FLAT, NODE, RAIL = range(3)
 EVERY_RANK = (0, 1, 0)  # a team: (first, stride, size); size 0 is every rank
 
 
-def _push(kernel: str, ctx: _Context, x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, dst_pitch: int,
-          region: int = FLAT, team: tuple[int, int, int] = EVERY_RANK) -> None:
+def _push(kernel: str, ctx: _Context, rows: torch.Tensor, out: torch.Tensor, dst_pitch: int, region: int = FLAT,
+          team: tuple[int, int, int] = EVERY_RANK) -> None:
     """The remote path of every collective, among `team`: rows ([1 or team size, C]) staged at the front
     of `region` of the data area, the inbox (a slot of one chunk per member) after them, chunks of
     columns that fit both."""
-    isz, c, n_rows = x.element_size(), rows.shape[1], rows.shape[0]
+    isz, c, n_rows = rows.element_size(), rows.shape[1], rows.shape[0]
     members = team[2] or ctx.world
     third = _round_down(ctx.data_bytes // 3, 256)
     base = ctx.data + region * third
@@ -121,34 +122,23 @@ def _push(kernel: str, ctx: _Context, x: torch.Tensor, rows: torch.Tensor, out: 
         # The kernels' block split follows vec16, so it must not depend on where a rank's input is:
         # sizes decide, as for the exchanges.
         vec16 = _vec16((hi - lo) * isz, c * isz) if n_rows > 1 else _vec16(dst_pitch)
-        fn(ctx.workspace, *_source(ctx, rows, lo, hi, base), 0, (hi - lo) * isz, out.data_ptr() + lo * isz, dst_pitch,
-           inbox, DTYPE_CODES.get(x.dtype, 0), vec16, ctx.stream.cuda_stream, *team)
-        streams.launched(ctx.stream)
+        _launch(fn, ctx, _source(ctx, rows, lo, hi, base), 0, (hi - lo) * isz, out.data_ptr() + lo * isz, dst_pitch,
+                rows.dtype, vec16, inbox, team)
 
 
-def _nodes(ctx: _Context) -> tuple[int, int] | None:
-    """(nodes, ranks per node) where the ranks sit on several nodes, the same number on each and in
-    rank order (as torchrun places them), several per node; else None (the flat path)."""
-    node = runtime.nodes()
-    per_node = node.count(0)
-    if per_node < 2 or per_node == ctx.world or ctx.world % per_node:
-        return None
-    return (ctx.world // per_node, per_node) if node == [r // per_node for r in range(ctx.world)] else None
-
-
-def _hierarchical_all_reduce(ctx: _Context, x: torch.Tensor, rows: torch.Tensor, nodes: int, per_node: int):
+def _hierarchical_all_reduce(ctx: _Context, rows: torch.Tensor, nodes: int, per_node: int):
     """Reduce-scatter inside the node, all-reduce of this rank's 1/per_node across the nodes (one rank
     of each: its rail), all-gather inside the node: off-node bytes cross the network once per node."""
-    n, isz = rows.shape[1], x.element_size()
+    n, isz = rows.shape[1], rows.element_size()
     c = -(-n // per_node)
     padded = rows if n == c * per_node else torch.cat((rows, rows.new_zeros(1, c * per_node - n)), 1)
     node_team = (ctx.rank // per_node * per_node, 1, per_node)
     rail_team = (ctx.rank % per_node, per_node, nodes)
     part, summed = rows.new_empty(c), rows.new_empty(c)
     gathered = rows.new_empty(per_node, c)
-    _push("push_reduce", ctx, x, padded.view(per_node, c), part, 0, NODE, node_team)
-    _push("push_reduce", ctx, x, part.view(1, c), summed, 0, RAIL, rail_team)
-    _push("push_gather", ctx, x, summed.view(1, c), gathered, c * isz, NODE, node_team)
+    _push("push_reduce", ctx, padded.view(per_node, c), part, 0, NODE, node_team)
+    _push("push_reduce", ctx, part.view(1, c), summed, 0, RAIL, rail_team)
+    _push("push_gather", ctx, summed.view(1, c), gathered, c * isz, NODE, node_team)
     return gathered.view(-1)[:n]
 
 
@@ -180,12 +170,12 @@ def all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     if ctx.world == 1:
         return x.clone(memory_format=torch.contiguous_format)
     rows = _rows(x, 1)
-    if ctx.rma and (layout := _nodes(ctx)):
-        return _hierarchical_all_reduce(ctx, x, rows, *layout).view(x.shape)
+    if ctx.rma and (layout := runtime.node_layout()):
+        return _hierarchical_all_reduce(ctx, rows, *layout).view(x.shape)
     out = torch.empty_like(rows)
     isz, n = x.element_size(), rows.shape[1]
     if ctx.rma:
-        _push("push_reduce", ctx, x, rows, out, 0)
+        _push("push_reduce", ctx, rows, out, 0)
     elif choose_all_reduce(n * isz, ctx.world, algorithm) == "one_shot":
         for lo, hi in _chunks(n, isz, ctx.data_bytes):
             _launch(ctx.ext.reduce, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz,
@@ -215,7 +205,7 @@ def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     # dimension; otherwise one more copy moves the rank dimension into place.
     out = torch.empty((ctx.world, *x.shape), dtype=x.dtype, device=x.device)
     if ctx.rma:
-        _push("push_gather", ctx, x, rows, out, n * isz)
+        _push("push_gather", ctx, rows, out, n * isz)
     else:
         for lo, hi in _chunks(n, isz, ctx.data_bytes):
             _launch(ctx.ext.gather, ctx, _source(ctx, rows, lo, hi), 0, (hi - lo) * isz, out.data_ptr() + lo * isz,
@@ -239,7 +229,7 @@ def _exchange(kernel: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tenso
     isz, c = x.element_size(), rows.shape[1]
     fn, dst_pitch = getattr(ctx.ext, kernel), c * isz if dst_pitch_rows else 0
     if ctx.rma:
-        _push(f"push_{kernel}", ctx, x, rows, out, dst_pitch)
+        _push(f"push_{kernel}", ctx, rows, out, dst_pitch)
         return
     for lo, hi in _chunks(c, isz, ctx.data_bytes // ctx.world):
         _launch(fn, ctx, _source(ctx, rows, lo, hi), ctx.rank, (hi - lo) * isz, out.data_ptr() + lo * isz,

@@ -73,10 +73,11 @@ class _State:
     free_blocks: dict[int, int] = field(default_factory=dict)
     # The fused GEMM ops' second stream (symcomm.streams.side), made at first use.
     side_stream: object = None
-    # nvshmem backend: reachable[p][q], whether load/store reaches PE q from PE p; node[p], PE p's node;
-    # and how the collectives reach their peers: "p2p" (load/store) or "rma" (NVSHMEM puts and signals).
-    reachable: list[list[bool]] = field(default_factory=list)
-    node: list[int] = field(default_factory=list)
+    # nvshmem backend, learnt at init: whether load/store reaches every PE from every PE; (nodes, ranks
+    # per node) where ranks sit on several nodes of several each, in rank order, else None; and how the
+    # collectives reach their peers: "p2p" (load/store) or "rma" (NVSHMEM puts and signals).
+    all_reachable: bool = True
+    node_layout: tuple[int, int] | None = None
     transport: str = "p2p"
 
 
@@ -293,8 +294,12 @@ def _learn_topology(state: _State, ext) -> None:
     dist.all_gather_object(rows, list(ext.reachable_peers(state.workspace.data_ptr())))
     names = _node_names(state)
     unique = list(dict.fromkeys(names))
-    state.reachable, state.node = rows, [unique.index(n) for n in names]
-    state.transport = "rma" if forced == "rma" or not all(map(all, rows)) else "p2p"
+    node = [unique.index(n) for n in names]
+    per_node = node.count(0)
+    if 1 < per_node < state.world_size and node == [r // per_node for r in range(state.world_size)]:
+        state.node_layout = (len(unique), per_node)
+    state.all_reachable = all(map(all, rows))
+    state.transport = "rma" if forced == "rma" or not state.all_reachable else "p2p"
     for k, name in enumerate(unique if state.rank == 0 else ()):
         pes = [r for r in range(state.world_size) if names[r] == name]
         reach = [q for q, ok in enumerate(rows[pes[0]]) if ok]
@@ -584,14 +589,15 @@ def transport() -> str | None:
     return state.transport if state.backend == "nvshmem" else None
 
 
-def nodes() -> list[int]:
-    """The node of every rank (nvshmem backend; [] on the torch backend), numbered in rank order."""
-    return list(_get().node)
+def node_layout() -> tuple[int, int] | None:
+    """(nodes, ranks per node) where the ranks sit on several nodes, the same number on each and in rank
+    order (as torchrun places them), several per node; else None (nvshmem backend; None on torch)."""
+    return _get().node_layout
 
 
 def all_reachable() -> bool:
     """Whether load/store reaches every PE from every PE (what the fused GEMM and MoE kernels need)."""
-    return all(map(all, _get().reachable))
+    return _get().all_reachable
 
 
 def mpg_status() -> int | None:
