@@ -110,27 +110,33 @@ def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen, sym):
 def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kernels_within_a_node(world, gen, sym,
                                                                                                  monkeypatch):
     """Where some rank is out of load/store reach (another node; on the emulated device,
-    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, all-reduce hierarchically where
-    nodes hold several ranks each; the fused GEMM path refuses with the reason while 'auto' computes
-    unfused, and MoE says it has no remote path yet, on every rank."""
+    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, hierarchically where nodes hold
+    several ranks each; the fused GEMM path refuses with the reason while 'auto' computes
+    unfused, on every rank (MoE's remote path: test_moe_gpu.py in the same runs)."""
     per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0")) if runtime.emulated() else 0
     split = 0 < per_node < world.world_size
     assert runtime.all_reachable() == (not split)
     forced = os.environ.get("SYMCOMM_TRANSPORT", "auto") == "rma"
     assert symcomm.transport() == ("rma" if split or forced else "p2p")
     hierarchical = []
-    run = collectives._hierarchical_all_reduce
-    monkeypatch.setattr(collectives, "_hierarchical_all_reduce", lambda *a: hierarchical.append(a[2:]) or run(*a))
-    xs = on_gpu(world, seed_of(gen), (3, 1001), torch.float32)
+    for name in ("_hierarchical_all_reduce", "_hierarchical_all_gather", "_hierarchical_exchange"):
+        def spy(*args, run=getattr(collectives, name), name=name):
+            hierarchical.append((name, *args[-2:]))
+            return run(*args)
+        monkeypatch.setattr(collectives, name, spy)
+    w = world.world_size
+    xs = on_gpu(world, seed_of(gen), (3 * w, 1001), torch.float32)
     assert_close(ops.all_reduce(xs[world.rank]), *sum_ref(xs), dtype=torch.float32)
-    assert hierarchical == ([(world.world_size // per_node, per_node)] if split and per_node > 1 else [])
+    assert torch.equal(ops.all_gather(xs[world.rank], 1), torch.cat(xs, 1))
+    assert_close(ops.reduce_scatter(xs[world.rank]), *sum_ref([x.chunk(w)[world.rank] for x in xs]),
+                 dtype=torch.float32)
+    assert torch.equal(ops.all_to_all(xs[world.rank]), torch.cat([x.chunk(w)[world.rank] for x in xs]))
+    layout = (w // per_node, per_node)
+    steps = ["_hierarchical_all_reduce", "_hierarchical_all_gather", "_hierarchical_exchange", "_hierarchical_exchange"]
+    assert hierarchical == ([(name, *layout) for name in steps] if split and per_node > 1 else [])
     a, b = (on_gpu(world, seed_of(gen), shape, torch.bfloat16) for shape in ((64, 32), (32, 48)))
     assert_gemm_close(ops.gemm_all_reduce(a[world.rank], b[world.rank]), a, b)
     if not split:
         return
     with pytest.raises(ValueError, match="path='fused' cannot run here: some ranks are out of load/store reach"):
         ops.gemm_all_reduce(a[world.rank], b[world.rank], path="fused")
-    expert_x = sym((2, 8, 32), torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="moe_dispatch: some ranks are out of load/store reach"):
-        ops.moe_dispatch(a[world.rank], torch.zeros(64, 1, dtype=torch.int64, device=world.device),
-                         2 * world.world_size, expert_x, torch.empty(2, dtype=torch.int32, device=world.device))

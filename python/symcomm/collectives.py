@@ -14,8 +14,10 @@ kernels in the same order (the kernels' barriers count on that).
 On the remote path (runtime.transport() == "rma": some peer on another node, or SYMCOMM_TRANSPORT=rma)
 nobody reads a peer: every rank puts the rows meant for each peer into that peer's inbox, a second
 area of the workspace after the staging area, and reduces or copies from its own inbox (push_reduce,
-push_gather). All-reduce is then one-shot (each rank receives every input), or, where the ranks sit
-on several nodes of several ranks each, hierarchical: inside the node, across, inside again.
+push_gather). All-reduce is then one-shot (each rank receives every input). Where the ranks sit on
+several nodes of several ranks each, every collective is hierarchical, in steps among the ranks of a
+node and among one rank of every node (a rail): all-reduce inside the node, across, inside again;
+all-gather across, then inside; reduce-scatter and all-to-all inside, then across.
 """
 
 from __future__ import annotations
@@ -126,20 +128,58 @@ def _push(kernel: str, ctx: _Context, rows: torch.Tensor, out: torch.Tensor, dst
                 rows.dtype, vec16, inbox, team)
 
 
+def _teams(ctx: _Context, nodes: int, per_node: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """This rank's node (the ranks of its node) and rail (the rank of its place on every node) teams."""
+    return (ctx.rank // per_node * per_node, 1, per_node), (ctx.rank % per_node, per_node, nodes)
+
+
 def _hierarchical_all_reduce(ctx: _Context, rows: torch.Tensor, nodes: int, per_node: int):
     """Reduce-scatter inside the node, all-reduce of this rank's 1/per_node across the nodes (one rank
     of each: its rail), all-gather inside the node: off-node bytes cross the network once per node."""
     n, isz = rows.shape[1], rows.element_size()
     c = -(-n // per_node)
     padded = rows if n == c * per_node else torch.cat((rows, rows.new_zeros(1, c * per_node - n)), 1)
-    node_team = (ctx.rank // per_node * per_node, 1, per_node)
-    rail_team = (ctx.rank % per_node, per_node, nodes)
+    node_team, rail_team = _teams(ctx, nodes, per_node)
     part, summed = rows.new_empty(c), rows.new_empty(c)
     gathered = rows.new_empty(per_node, c)
     _push("push_reduce", ctx, padded.view(per_node, c), part, 0, NODE, node_team)
     _push("push_reduce", ctx, part.view(1, c), summed, 0, RAIL, rail_team)
     _push("push_gather", ctx, summed.view(1, c), gathered, c * isz, NODE, node_team)
     return gathered.view(-1)[:n]
+
+
+def _hierarchical_all_gather(ctx: _Context, rows: torch.Tensor, out: torch.Tensor, nodes: int, per_node: int):
+    """Across the nodes first (the rail), then inside the node: each block crosses the network once
+    per node. out: [world, ...], filled in rank order."""
+    n, isz = rows.shape[1], rows.element_size()
+    node_team, rail_team = _teams(ctx, nodes, per_node)
+    by_node = rows.new_empty(nodes, n)
+    _push("push_gather", ctx, rows, by_node, n * isz, RAIL, rail_team)
+    gathered = rows.new_empty(per_node, nodes * n)
+    _push("push_gather", ctx, by_node.view(1, -1), gathered, nodes * n * isz, NODE, node_team)
+    out.view(nodes, per_node, n).copy_(gathered.view(per_node, nodes, n).transpose(0, 1))
+
+
+def _hierarchical_exchange(kernel: str, ctx: _Context, rows: torch.Tensor, out: torch.Tensor, nodes: int,
+                           per_node: int) -> None:
+    """Reduce-scatter ("reduce") or all-to-all ("gather") of rows ([world, C] by destination) inside the
+    node, then across it (the rail): rows for another node cross the network once, from the rank of
+    their destination's place on this node."""
+    c, isz = rows.shape[1], rows.element_size()
+    node_team, rail_team = _teams(ctx, nodes, per_node)
+    # Row l: the rows for the ranks of place l, node by node.
+    by_place = rows.view(nodes, per_node, c).transpose(0, 1).reshape(per_node, nodes * c)
+    if kernel == "reduce":
+        part = rows.new_empty(nodes * c)
+        _push("push_reduce", ctx, by_place, part, 0, NODE, node_team)
+        _push("push_reduce", ctx, part.view(nodes, c), out, 0, RAIL, rail_team)
+        return
+    # From each rank of this node, its rows for this rank's place on every node; then each node's
+    # share goes across the rail, arriving in source rank order.
+    from_node = rows.new_empty(per_node, nodes * c)
+    _push("push_gather", ctx, by_place, from_node, nodes * c * isz, NODE, node_team)
+    by_node = from_node.view(per_node, nodes, c).transpose(0, 1).reshape(nodes, per_node * c)
+    _push("push_gather", ctx, by_node, out, per_node * c * isz, RAIL, rail_team)
 
 
 def _rows(x: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -204,7 +244,9 @@ def all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     # Rank q's block lands at out[q]: already the result when dim is the outermost non-trivial
     # dimension; otherwise one more copy moves the rank dimension into place.
     out = torch.empty((ctx.world, *x.shape), dtype=x.dtype, device=x.device)
-    if ctx.rma:
+    if ctx.rma and (layout := runtime.node_layout()):
+        _hierarchical_all_gather(ctx, rows, out, *layout)
+    elif ctx.rma:
         _push("push_gather", ctx, rows, out, n * isz)
     else:
         for lo, hi in _chunks(n, isz, ctx.data_bytes):
@@ -228,6 +270,9 @@ def _exchange(kernel: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tenso
     ctx = _context()
     isz, c = x.element_size(), rows.shape[1]
     fn, dst_pitch = getattr(ctx.ext, kernel), c * isz if dst_pitch_rows else 0
+    if ctx.rma and (layout := runtime.node_layout()):
+        _hierarchical_exchange(kernel, ctx, rows, out, *layout)
+        return
     if ctx.rma:
         _push(f"push_{kernel}", ctx, rows, out, dst_pitch)
         return
