@@ -92,22 +92,22 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
       [](std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t topk_ids, std::uintptr_t positions,
          std::uintptr_t counts, std::uintptr_t expert_x, std::uintptr_t expert_counts, std::uintptr_t routing,
          int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype, std::int64_t grid_bytes,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, bool rma) {
         symcomm::moe_dispatch({workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, 0, 0,
-                               tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, stream});
+                               tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, stream, rma});
       },
       "(workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, tokens, top_k, num_experts, "
-      "capacity, hidden, dtype, grid_bytes, stream)");
+      "capacity, hidden, dtype, grid_bytes, stream, rma); with rma x must be symmetric");
   m.def(
       "moe_combine",
       [](std::uintptr_t workspace, std::uintptr_t expert_y, std::uintptr_t routing, std::uintptr_t weights,
          std::uintptr_t y, int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype,
-         std::int64_t grid_bytes, std::uintptr_t stream) {
+         std::int64_t grid_bytes, std::uintptr_t stream, bool rma) {
         symcomm::moe_combine({workspace, 0, 0, 0, 0, expert_y, 0, routing, weights, y, tokens, top_k, num_experts,
-                              capacity, hidden, dtype, grid_bytes, stream});
+                              capacity, hidden, dtype, grid_bytes, stream, rma});
       },
       "(workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, "
-      "stream)");
+      "stream, rma); with rma the workspace's data area holds tokens x top_k rows");
   m.def("workspace_data_offset", &symcomm::workspace_data_offset);
   m.def("reachable_peers", &symcomm::reachable_peers, py::arg("workspace"),
         "for each PE, whether load/store reaches its copy of the workspace (nvshmem_ptr is not null)");

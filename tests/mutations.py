@@ -5,7 +5,9 @@ in a scratch copy of the sources, and the tests named with it must fail.
 - In python/symcomm/: the copy is imported in place of the installed package, and the tests run
   under torchrun at world 2 on the torch backend (the host-side stand-ins and the op tests).
 - Marked "emulated": the GPU suites run under torchrun at world 2 on the nvshmem backend on the
-  emulated device, built from the (mutated) csrc/: bindings, host side and kernels together.
+  emulated device, built from the (mutated) csrc/: bindings, host side and kernels together; marked
+  "emulated rma" or "emulated 2 nodes", as that run of tests/run.py's EMULATED_RUNS (the remote path
+  forced; 2 emulated nodes of 2 PEs).
 
     python3 tests/mutations.py            # every mutation; exit 1 if any went unnoticed
     python3 tests/mutations.py -k owner   # those whose name contains "owner"
@@ -24,12 +26,13 @@ import time
 from pathlib import Path
 
 import emu_harness
+from run import EMULATED_RUNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, the exact text, what it becomes, the tests that must notice[, "tsan": under
 # ThreadSanitizer, for orderings that the emulation's x86 host would otherwise forgive; "emulated": the
-# GPU suites on the emulated device])
+# GPU suites on the emulated device, "emulated rma" / "emulated 2 nodes" as those EMULATED_RUNS])
 MUTATIONS = {
     "two-shot without its middle barrier": (
         "csrc/collectives/collectives.cu", "  s.meet(peers);  // every share is reduced\n", "",
@@ -160,6 +163,30 @@ MUTATIONS = {
         "result_offset = ctx.data - ctx.workspace", "test_collectives_gpu.py -k two_shot", "emulated"),
     "the fused path without the join, on the emulated device": (
         "python/symcomm/gemm.py", "    main.wait_stream(side)\n", "", "test_gemm_gpu.py -k gemm_all_reduce", "emulated"),
+    # The remote path's MoE kernels and the hierarchical collectives.
+    "the MoE remote path puts every row to PE 0": (
+        "csrc/moe/moe.cu", "a.ws.base + a.mine.offset + row * a.row_bytes, src, a.row_bytes, owner);",
+        "a.ws.base + a.mine.offset + row * a.row_bytes, src, a.row_bytes, 0);", "test_emu_moe.py -k rma"),
+    "the MoE remote path tells its counts to PE 0 only": (
+        "csrc/moe/moe.cu", "if (q != me) nvshmemx_putmem_block", "if (q == 0 && q != me) nvshmemx_putmem_block",
+        "test_emu_moe.py -k rma"),
+    "the MoE remote combine sums its token's first row k times": (
+        "csrc/moe/moe.cu", "a.rma ? fetched + p * a.row_bytes", "a.rma ? fetched + t * a.top_k * a.row_bytes",
+        "test_emu_moe.py -k rma"),
+    "the MoE remote path puts from a private x": (
+        "python/symcomm/moe.py", "if rma and not runtime.is_symmetric(x):", "if False:", "test_moe.py",
+        "emulated rma"),
+    "the MoE remote path's combine does not check the data area's size": (
+        "python/symcomm/moe.py", "        _data_area(\"moe_combine\"", "        0 and _data_area(\"moe_combine\"",
+        "test_moe_gpu.py", "emulated rma"),
+    "the hierarchical all-gather leaves the blocks in node order": (
+        "python/symcomm/collectives.py",
+        "out.view(nodes, per_node, n).copy_(gathered.view(per_node, nodes, n).transpose(0, 1))",
+        "out.view(per_node, nodes, n).copy_(gathered.view(per_node, nodes, n))", "test_collectives_gpu.py -k gather",
+        "emulated 2 nodes"),
+    "the hierarchical reduce-scatter and all-to-all send a place's rows to the wrong ranks": (
+        "python/symcomm/collectives.py", "by_place = rows.view(nodes, per_node, c).transpose(0, 1)",
+        "by_place = rows.view(nodes, per_node, c)", "test_collectives_gpu.py -k reduce_scatter", "emulated 2 nodes"),
 }
 
 
@@ -200,11 +227,13 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
         if extension is not None:
             shutil.copy(extension, copy / "symcomm")
         env["PYTHONPATH"] = str(copy)
-    if variant == ["emulated"]:
+    if variant and variant[0].startswith("emulated"):
         module = emu_harness.builder(copy if path.startswith("csrc/") else ROOT / "csrc").build("plain")
         env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem", SYMCOMM_WORKSPACE_BYTES=str(1 << 20),
                    CUDA_VISIBLE_DEVICES="", SYMCOMM_TIMEOUT_S="20")
-        cmd = torchrun
+        _, world, _, run_env = next(r for r in EMULATED_RUNS if r[0] == variant[0].removeprefix("emulated"))
+        env.update(run_env)
+        cmd = [*torchrun[:3], f"--nproc-per-node={world}", *torchrun[4:]]
     elif path.startswith("csrc/"):
         env["SYMCOMM_EMU_CSRC"] = str(copy)
         if variant == ["tsan"]:

@@ -1,5 +1,7 @@
 """MoE dispatch and combine (csrc/moe/) and their C++ entry points on the emulated device: counts,
-slots in (expert, source PE, token) order, routing codes, the weighted pull-back, and overflow."""
+slots in (expert, source PE, token) order, routing codes, the weighted pull-back, and overflow; on
+both paths: loads and stores, and the remote path (puts and gets only, every PE on a node of its own,
+so that no load or store could reach a peer)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ class Moe:
     """One dispatch/combine setup on every PE: tokens, ids and weights per PE; expert_x symmetric."""
 
     def __init__(self, w: H.World, rng, tokens: list[int], top_k: int, local: int, hidden: int, dtype: str,
-                 capacity: int | None = None, ids: list[np.ndarray] | None = None):
-        self.w, self.top_k, self.local, self.hidden, self.dtype = w, top_k, local, hidden, dtype
+                 capacity: int | None = None, ids: list[np.ndarray] | None = None, rma: bool = False):
+        self.w, self.top_k, self.local, self.hidden, self.dtype, self.rma = w, top_k, local, hidden, dtype, rma
         self.npes = w.npes
         self.experts = local * self.npes
         self.tokens = tokens
@@ -41,6 +43,8 @@ class Moe:
         self.x = [H.exact_values(rng, (t, hidden)) for t in tokens]
         self.weights = [H.exact_values(rng, (t, top_k), span=4) for t in tokens]
         self.expert_x = w.alloc(local * self.capacity * self.row_bytes)
+        # The remote path puts rows from x: symmetric, as its caller (python/symcomm/moe.py) makes it.
+        x_sym = w.alloc(max(tokens, default=1) * self.row_bytes) if rma else None
         self.host = []
         for pe in range(self.npes):
             buffers = {}
@@ -49,6 +53,10 @@ class Moe:
                 addr, raw = w.private(max(values.nbytes, 16))
                 raw[:values.nbytes] = values.view(np.uint8).ravel()
                 buffers[name] = addr
+            if x_sym is not None:
+                raw = w.view(pe, x_sym, np.uint8, tokens[pe] * self.row_bytes)
+                raw[:] = H.encode(self.x[pe], dtype).view(np.uint8).ravel()
+                buffers["x"] = w.base(pe) + x_sym
             counts, positions = positions_and_counts(self.ids[pe].ravel(), self.experts)
             for name, values in [("counts", counts), ("positions", positions)]:
                 addr, raw = w.private(max(values.nbytes, 16))
@@ -73,14 +81,14 @@ class Moe:
         self.w.ext.moe_dispatch(self.w.base(pe), b["x"], b["ids"], b["positions"], b["counts"],
                                 self.w.base(pe) + self.expert_x, b["expert_counts"], b["routing"], self.tokens[pe],
                                 self.top_k, self.experts, self.capacity, self.hidden, H.DTYPE_CODES[self.dtype],
-                                self.grid_bytes(self.top_k), 0)
+                                self.grid_bytes(self.top_k), 0, self.rma)
 
     def combine(self, pe: int, expert_y: int) -> None:
         b = self.host[pe]
         self.w.on_pe(pe)
         self.w.ext.moe_combine(self.w.base(pe), self.w.base(pe) + expert_y, b["routing"], b["weights"], b["y"],
                                self.tokens[pe], self.top_k, self.experts, self.capacity, self.hidden,
-                               H.DTYPE_CODES[self.dtype], self.grid_bytes(1), 0)
+                               H.DTYPE_CODES[self.dtype], self.grid_bytes(1), 0, self.rma)
 
     def expected_slots(self):
         """{expert: [(source PE, token, j), ...]} in slot order, and each pair's routing code."""
@@ -154,15 +162,41 @@ CASES = {
 }
 
 
+PATHS = pytest.mark.parametrize("rma", [False, True], ids=["p2p", "rma"])
+
+
+def nodes(rma: bool) -> int:
+    """pes_per_node for H.world: on the remote path every PE on a node of its own."""
+    return 1 if rma else 0
+
+
+@PATHS
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("npes", [2, 3] if H.TSAN else [1, 2, 3, 4])
-def test_dispatch_combine(npes, case, dtype):
+def test_dispatch_combine(npes, case, dtype, rma):
     tokens, top_k, local = CASES[case]
     rng = np.random.default_rng([npes, len(case), len(dtype)])
-    with H.world(npes) as w:
-        m = Moe(w, rng, tokens(npes), top_k, local, hidden=24, dtype=dtype)
+    with H.world(npes, pes_per_node=nodes(rma)) as w:
+        m = Moe(w, rng, tokens(npes), top_k, local, hidden=24, dtype=dtype, rma=rma)
         run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+def test_remote_path_refuses_a_private_x():
+    """NVSHMEM's network transports send only from symmetric (or registered) memory: the emulation
+    fails loudly where a put's source is not on the heap."""
+    rng = np.random.default_rng(4)
+    with H.world(2, pes_per_node=1, timeout_s=1.0) as w:
+        m = Moe(w, rng, [3, 2], 1, 1, hidden=8, dtype="float16")
+        m.rma = True
+        errors = {}
+        for pe in range(2):
+            try:
+                m.dispatch(pe)
+            except RuntimeError as e:
+                errors[pe] = str(e)
+        errors = {**w.synchronize(), **errors}
+        assert any("nvshmemx_putmem_nbi_warp (source)" in e and "is not in PE" in e for e in errors.values()), errors
 
 
 def test_dispatch_float32():
@@ -175,7 +209,8 @@ def test_dispatch_float32():
         m.check_dispatch()
 
 
-def test_duplicates_and_one_owner():
+@PATHS
+def test_duplicates_and_one_owner(rma):
     """Tokens that name one expert twice (each pair its own slot, both outputs added), and every pair
     routed to PE 0's experts, with the capacity exactly full."""
     npes, top_k, local = 3, 3, 2
@@ -183,24 +218,25 @@ def test_duplicates_and_one_owner():
     tokens = [6, 4, 5]
     ids = [rng.integers(0, local, size=(t, top_k)) for t in tokens]
     ids[1][:, 1] = ids[1][:, 0]
-    with H.world(npes) as w:
-        m = Moe(w, rng, tokens, top_k, local, hidden=16, dtype="bfloat16", ids=ids)
+    with H.world(npes, pes_per_node=nodes(rma)) as w:
+        m = Moe(w, rng, tokens, top_k, local, hidden=16, dtype="bfloat16", ids=ids, rma=rma)
         assert m.capacity == max(np.bincount(np.concatenate([i.ravel() for i in ids])))
         run_layer(m, H.exact_values(rng, m.experts, span=3))
 
 
+@PATHS
 @pytest.mark.parametrize("chaos", [0.0, 0.05], ids=["plain", "chaos"])
-def test_back_to_back_rounds(chaos):
+def test_back_to_back_rounds(chaos, rma):
     """Dispatch and combine, again and again, with no host synchronisation: the experts are the
     identity (combine reads expert_x), and the next dispatch may overwrite expert_x only once every PE's
     combine has read it."""
     npes, rounds = 3, 3
     rng = np.random.default_rng(5)
-    with H.world(npes, blocks=2, chaos_seed=9, chaos_rate=chaos) as w:
+    with H.world(npes, blocks=2, chaos_seed=9, chaos_rate=chaos, pes_per_node=nodes(rma)) as w:
         layers = []
         expert_x = None
         for _ in range(rounds):
-            m = Moe(w, rng, [7, 3, 0], 2, 2, hidden=16, dtype="float16", capacity=12)
+            m = Moe(w, rng, [7, 3, 0], 2, 2, hidden=16, dtype="float16", capacity=12, rma=rma)
             if expert_x is None:
                 expert_x = m.expert_x
             m.expert_x = expert_x  # every round reuses one expert buffer

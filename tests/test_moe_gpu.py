@@ -1,4 +1,5 @@
-"""The nvshmem MoE kernels on the GPU: CUDA-graph replay and the overflow trap.
+"""The nvshmem MoE kernels on the GPU: a round trip at any world size, CUDA-graph replay, the overflow
+trap, and the remote path's limits.
 
 (The contract tests in test_moe.py also run here, on the nvshmem backend.)
 """
@@ -29,6 +30,37 @@ def expected_combine(x, ids, weights, rank_scale):
     """y when every expert e multiplies its rows by rank_scale[e]."""
     scale = rank_scale[ids].unsqueeze(-1)  # [T, k, 1]
     return (weights.unsqueeze(-1) * scale * x.float().unsqueeze(1)).sum(1)
+
+
+@pytest.mark.dist
+def test_round_trip_at_any_world_size_with_uneven_tokens(world, gen, sym):
+    """Dispatch, experts that scale their rows, combine, twice back to back, with some ranks sending
+    no tokens: at any world size (the contract suite test_moe.py sizes itself for 1, 2 and 4 ranks),
+    so also on 3 emulated nodes of one PE, where everything moves by puts and gets."""
+    experts, k, hidden = 2 * world.world_size, 2, 64
+    local = experts // world.world_size
+    counts = [(5, 0, 9, 2)[r % 4] for r in range(world.world_size)]
+    capacity = sum(counts) * k
+    expert_x = sym((local, capacity, hidden), torch.bfloat16)
+    expert_y = sym(tuple(expert_x.shape), torch.bfloat16)
+    expert_counts = sym((local,), torch.int32)
+    scale = torch.arange(1, experts + 1, dtype=torch.float32)
+    for _ in range(2):
+        xs = [torch.randn(t, hidden, generator=gen).to(torch.bfloat16) for t in counts]
+        ids = [torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(t)]) if t else
+               torch.empty(0, k, dtype=torch.int64) for t in counts]
+        weights = [torch.rand(t, k, generator=gen) for t in counts]
+        expert_x.fill_(float("nan"))
+        routing = ops.moe_dispatch(xs[world.rank].to(world.device), ids[world.rank].to(world.device), experts, expert_x,
+                                   expert_counts)
+        mine = scale[world.rank * local:(world.rank + 1) * local].to(world.device).view(local, 1, 1)
+        expert_y.copy_((expert_x.float() * mine).to(torch.bfloat16))
+        y = ops.moe_combine(expert_y, weights[world.rank].to(world.device), routing)
+        pairs = torch.bincount(torch.cat([i.flatten() for i in ids]), minlength=experts)
+        assert expert_counts.tolist() == pairs[world.rank * local:(world.rank + 1) * local].tolist()
+        ref = expected_combine(xs[world.rank], ids[world.rank], weights[world.rank], scale)
+        atol = 2e-2 * float(ref.abs().amax()) if ref.numel() else 0.0
+        torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=atol)
 
 
 @pytest.mark.dist
@@ -102,3 +134,26 @@ def test_overflow_stops_the_kernel_with_a_message(tmp_path):
     # Any of the overflowing pairs (slots 4 to 7) may be the one that reports before the trap.
     assert re.search(r"moe_dispatch overflows expert 0: slot [4-7] >= capacity 4", out.stdout + out.stderr), \
         out.stderr[-3000:]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("op", ["moe_dispatch", "moe_combine"])
+def test_remote_path_refuses_more_rows_than_its_data_area_holds(world, sym, op, monkeypatch):
+    """The remote path stages a private x (dispatch) and fetches every token's k rows (combine) in the
+    workspace's data area: more than it holds is a ValueError naming SYMCOMM_WORKSPACE_BYTES, on every
+    rank, before any kernel (here on any transport: the check is the host's)."""
+    monkeypatch.setattr(runtime, "transport", lambda: "rma")
+    data_bytes = runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
+    hidden, k = 256, 2
+    rows = data_bytes // (hidden * 2) + 1  # one row more than fits
+    tokens = rows if op == "moe_dispatch" else -(-rows // k)
+    expert_buf = sym((1, 8, hidden), torch.bfloat16)
+    ids = torch.full((tokens, k), world.rank, dtype=torch.int64, device=world.device)
+    with pytest.raises(ValueError, match=rf"{op}: on the remote path .* must fit the workspace's data area .*"
+                                         "SYMCOMM_WORKSPACE_BYTES"):
+        if op == "moe_dispatch":
+            x = torch.randn(tokens, hidden, device=world.device).to(torch.bfloat16)
+            ops.moe_dispatch(x, ids, world.world_size, expert_buf, torch.empty(1, dtype=torch.int32, device=world.device))
+        else:
+            weights = torch.rand(tokens, k, device=world.device)
+            ops.moe_combine(expert_buf, weights, ids * 8)

@@ -85,9 +85,9 @@ class Kernels:
         write(address, data)
 
     def moe_dispatch(self, workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, tokens, top_k,
-                     num_experts, capacity, hidden, dtype, grid_bytes, stream):
+                     num_experts, capacity, hidden, dtype, grid_bytes, stream, rma):
         pairs = tokens * top_k
-        with together(("moe_dispatch", top_k, num_experts, capacity, hidden, dtype, grid_bytes)):
+        with together(("moe_dispatch", top_k, num_experts, capacity, hidden, dtype, grid_bytes, rma)):
             row_bytes = check_launch("moe_dispatch", workspace, (x, expert_x), tokens, top_k, num_experts, capacity,
                                      hidden, dtype, grid_bytes, top_k)
             ids = self._read("topk_ids", topk_ids, pairs, torch.int64)
@@ -117,10 +117,10 @@ class Kernels:
             self._write("expert_x", expert_x + at * row_bytes, row)
 
     def moe_combine(self, workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden,
-                    dtype, grid_bytes, stream):
+                    dtype, grid_bytes, stream, rma):
         world = dist.get_world_size()
         per_owner = num_experts // world * capacity
-        with together(("moe_combine", top_k, num_experts, capacity, hidden, dtype, grid_bytes)):
+        with together(("moe_combine", top_k, num_experts, capacity, hidden, dtype, grid_bytes, rma)):
             row_bytes = check_launch("moe_combine", workspace, (expert_y, y), tokens, top_k, num_experts, capacity,
                                      hidden, dtype, grid_bytes, 1)
             assert dtype in (1, 2), f"moe_combine takes float16 or bfloat16 (codes 1, 2), got code {dtype}"

@@ -136,6 +136,15 @@ struct Session {
     return Session{ws, team, mine, start, rma};
   }
   __device__ void meet(Payload* peers) { block_barrier(ws, team, ++seq, mine, peers, rma); }
+  // With rma: this block's puts and gets are complete before what follows (the next barrier says
+  // they are in; the fetched data is read). One thread's quiet completes every operation this PE
+  // issued, so the block first waits until all of its threads have issued theirs.
+  __device__ void quiet() {
+    if (!rma) return;
+    __syncthreads();
+    if (threadIdx.x == 0) nvshmem_quiet();
+    __syncthreads();
+  }
   __device__ void save() {
     if (threadIdx.x == 0) *ws.seq(blockIdx.x) = seq;
   }

@@ -809,6 +809,11 @@ void signal_update(std::uint64_t* sig, std::uint64_t value, int sig_op) {
     __atomic_store_n(sig, value, __ATOMIC_RELEASE);
 }
 
+// Thread `index` of `count` copies its bytes of a put or get, once both sides are checked.
+void copy_share(char* to, const char* from, std::size_t bytes, unsigned index, unsigned count) {
+  for (std::size_t i = index; i < bytes; i += count) to[i] = from[i];
+}
+
 }  // namespace
 
 void* nvshmem_ptr(const void* ptr, int pe) {
@@ -840,14 +845,34 @@ void nvshmemi_finalize() {}
 void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
                                   std::uint64_t signal, int sig_op, int pe) {
   auto* to = static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_signal_block"));
-  const auto* from = static_cast<const char*>(source);
-  for (std::size_t i = threadIdx.x; i < bytes; i += blockDim.x) to[i] = from[i];
+  copy_share(to, static_cast<const char*>(source), bytes, threadIdx.x, blockDim.x);
   __syncthreads();
   if (threadIdx.x == 0)
     signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_putmem_signal_block")),
                   signal, sig_op);
   __syncthreads();
 }
+
+void nvshmemx_putmem_block(void* dest, const void* source, std::size_t bytes, int pe) {
+  symmetric_address(source, nvshmem_my_pe(), "nvshmemx_putmem_block (source)");
+  copy_share(static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_block")),
+             static_cast<const char*>(source), bytes, threadIdx.x, blockDim.x);
+  __syncthreads();
+}
+
+void nvshmemx_putmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
+  symmetric_address(source, nvshmem_my_pe(), "nvshmemx_putmem_nbi_warp (source)");
+  copy_share(static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_nbi_warp")),
+             static_cast<const char*>(source), bytes, threadIdx.x % 32, 32);
+}
+
+void nvshmemx_getmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
+  symmetric_address(dest, nvshmem_my_pe(), "nvshmemx_getmem_nbi_warp (destination)");
+  copy_share(static_cast<char*>(dest), static_cast<const char*>(symmetric_address(source, pe, "nvshmemx_getmem_nbi_warp")),
+             bytes, threadIdx.x % 32, 32);
+}
+
+void nvshmem_quiet() {}
 
 void nvshmemx_signal_op(std::uint64_t* sig_addr, std::uint64_t signal, int sig_op, int pe) {
   signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_signal_op")), signal, sig_op);

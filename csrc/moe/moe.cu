@@ -30,6 +30,10 @@ struct MoeArgs {
   char* y;
   int tokens, top_k, num_experts, local, capacity;
   std::int64_t row_bytes;
+  // The remote path: rows move by NVSHMEM puts and gets, which need symmetric local buffers (x is,
+  // and combine gathers its rows in the workspace's data area), and land at expert_buf's offset on
+  // the owner, the same on every PE since symmetric allocations are collective.
+  bool rma;
 };
 
 // A peer's expert buffer row `row` (= local expert * capacity + slot), as this PE sees it.
@@ -37,17 +41,31 @@ __device__ __forceinline__ char* expert_row(const MoeArgs& a, const Payload& buf
   return static_cast<char*>(nvshmem_ptr(a.ws.base + buf.offset, owner)) + row * a.row_bytes;
 }
 
+// The session of every MoE kernel: among every PE, through signals on the remote path.
+__device__ Session moe_session(const MoeArgs& a) { return Session::resume(a.ws, Team{0, 1, a.npes}, a.mine, a.rma); }
+
 // One block: meet every PE (so nobody still uses the buffers this dispatch overwrites), learn where
 // each PE's expert_x is, tell every PE how many pairs we send to each expert, and once all counts are
 // in, total this PE's own experts.
 __global__ void __launch_bounds__(kThreads) moe_counts_kernel(MoeArgs a) {
   __shared__ Payload peers[kMaxPeers];
-  Session s = Session::open(a.ws, a.npes, a.mine, peers);
+  Session s = moe_session(a);
+  s.meet(peers);
   const int me = nvshmem_my_pe();
-  if (threadIdx.x < a.npes) a.ws.moe_peers()[threadIdx.x] = peers[threadIdx.x];
-  for (int q = 0; q < a.npes; ++q) {
-    int* remote = static_cast<int*>(nvshmem_ptr(a.ws.moe_counts(me), q));
-    for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) remote[e] = a.counts[e];
+  if (a.rma) {
+    // Our own row of counts is the symmetric source the puts need.
+    int* mine = a.ws.moe_counts(me);
+    for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) mine[e] = a.counts[e];
+    __syncthreads();
+    for (int q = 0; q < a.npes; ++q)
+      if (q != me) nvshmemx_putmem_block(mine, mine, a.num_experts * sizeof(int), q);
+    s.quiet();
+  } else {
+    if (threadIdx.x < a.npes) a.ws.moe_peers()[threadIdx.x] = peers[threadIdx.x];
+    for (int q = 0; q < a.npes; ++q) {
+      int* remote = static_cast<int*>(nvshmem_ptr(a.ws.moe_counts(me), q));
+      for (int e = threadIdx.x; e < a.num_experts; e += blockDim.x) remote[e] = a.counts[e];
+    }
   }
   s.meet(peers);
   for (int el = threadIdx.x; el < a.local; el += blockDim.x) {
@@ -62,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) moe_counts_kernel(MoeArgs a) {
 // ends only once every row bound for it has landed). Runs right after moe_counts_kernel on the same
 // stream, which already met everyone, so it starts without a barrier.
 __global__ void __launch_bounds__(kThreads) moe_dispatch_kernel(MoeArgs a) {
-  Session s = Session::resume(a.ws, Team{0, 1, a.npes}, a.mine);
+  Session s = moe_session(a);
   const int me = nvshmem_my_pe();
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const int pairs = a.tokens * a.top_k;
@@ -79,33 +97,55 @@ __global__ void __launch_bounds__(kThreads) moe_dispatch_kernel(MoeArgs a) {
       __trap();
     }
     if (lane == 0) a.routing[p] = static_cast<std::int64_t>(e) * a.capacity + slot;
-    char* dst = expert_row(a, a.ws.moe_peers()[owner], owner, static_cast<std::int64_t>(e % a.local) * a.capacity + slot);
+    const std::int64_t row = static_cast<std::int64_t>(e % a.local) * a.capacity + slot;
     const char* src = a.x + static_cast<std::int64_t>(p / a.top_k) * a.row_bytes;
+    if (a.rma) {
+      nvshmemx_putmem_nbi_warp(a.ws.base + a.mine.offset + row * a.row_bytes, src, a.row_bytes, owner);
+      continue;
+    }
+    char* dst = expert_row(a, a.ws.moe_peers()[owner], owner, row);
     for (std::int64_t b = lane * 16; b < a.row_bytes; b += 32 * 16)
       *reinterpret_cast<uint4*>(dst + b) = *reinterpret_cast<const uint4*>(src + b);
   }
+  s.quiet();  // the rows are in before the closing barrier says so
   s.close();
 }
 
 // Every block: meet (the owners' expert_y is complete), then each warp sums one token's k rows, read
-// from their owners, weighted, in float32; meet again so no owner reuses expert_y too early.
+// from their owners (on the remote path, fetched into the data area first), weighted, in float32;
+// meet again so no owner reuses expert_y too early.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) moe_combine_kernel(MoeArgs a) {
   constexpr int N = 16 / sizeof(T);
   __shared__ Payload peers[kMaxPeers];
-  Session s = Session::open(a.ws, a.npes, a.mine, peers);
+  Session s = moe_session(a);
+  s.meet(peers);
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const std::int64_t vecs = a.row_bytes / 16;
   const std::int64_t per_owner = static_cast<std::int64_t>(a.local) * a.capacity;
+  char* fetched = a.ws.base + kDataOffset;  // pair p's row at p * row_bytes
+  if (a.rma) {
+    for (int t = blockIdx.x * warps + threadIdx.x / 32; t < a.tokens; t += gridDim.x * warps) {
+      for (int j = 0; j < a.top_k; ++j) {
+        const std::int64_t code = a.routing[t * a.top_k + j];
+        const int owner = static_cast<int>(code / per_owner);
+        nvshmemx_getmem_nbi_warp(fetched + (t * a.top_k + j) * a.row_bytes,
+                                 a.ws.base + a.mine.offset + (code - owner * per_owner) * a.row_bytes, a.row_bytes,
+                                 owner);
+      }
+    }
+    s.quiet();
+  }
   for (int t = blockIdx.x * warps + threadIdx.x / 32; t < a.tokens; t += gridDim.x * warps) {
     const Vec<T, N>* rows[kMaxTopK];
     float w[kMaxTopK];
 #pragma unroll
     for (int j = 0; j < kMaxTopK; ++j) {
       if (j < a.top_k) {
-        const std::int64_t code = a.routing[t * a.top_k + j];
+        const std::int64_t p = t * a.top_k + j, code = a.routing[p];
         const int owner = static_cast<int>(code / per_owner);
-        rows[j] = reinterpret_cast<const Vec<T, N>*>(expert_row(a, peers[owner], owner, code - owner * per_owner));
+        rows[j] = reinterpret_cast<const Vec<T, N>*>(a.rma ? fetched + p * a.row_bytes
+                                                           : expert_row(a, peers[owner], owner, code - owner * per_owner));
         w[j] = a.weights[t * a.top_k + j];
       }
     }
@@ -156,7 +196,8 @@ MoeArgs make_args(const MoeCall& c) {
                  c.num_experts,
                  c.num_experts / npes,
                  c.capacity,
-                 row_bytes};
+                 row_bytes,
+                 c.rma};
 }
 
 }  // namespace

@@ -23,6 +23,7 @@ struct MoeCall {
   int dtype;                    // 1 = float16, 2 = bfloat16 (combine accumulates in float32)
   std::int64_t grid_bytes;      // sizes the grid; the same on every PE (from max tokens, not T)
   std::uintptr_t stream;
+  bool rma;                     // the remote path (runtime.transport() == "rma"): x symmetric, see moe.cu
 };
 
 // Slots are assigned by (expert, source PE, token): PE s's pair to expert e lands at

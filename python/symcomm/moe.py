@@ -2,7 +2,9 @@
 
 The host computes, with torch ops on the GPU (no host sync), this rank's pairs per expert and each
 pair's position among its own pairs to that expert; the kernels exchange the counts, place every row
-at its slot on the owner, and later pull the expert outputs back.
+at its slot on the owner, and later pull the expert outputs back: by loads and stores, or on the
+remote path (runtime.transport() == "rma") by NVSHMEM puts and gets from symmetric buffers, x staged
+in the workspace's data area unless it is symmetric, and combine's rows fetched there.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from symcomm.collectives import DTYPE_CODES
 
 
 def _context(op: str, expert_buf: torch.Tensor, name: str):
-    if not runtime.all_reachable():
-        raise NotImplementedError(f"{op}: some ranks are out of load/store reach (other nodes), and the MoE kernels "
-                                  "have no remote path yet: run expert parallelism within one NVLink domain")
     if not runtime.is_symmetric(expert_buf):
         raise ValueError(f"{op}: {name} must be a symmetric tensor (symcomm.empty) on the nvshmem backend, "
                          "since peers read or write it directly")
@@ -24,8 +23,17 @@ def _context(op: str, expert_buf: torch.Tensor, name: str):
     if row_bytes % 16:
         raise ValueError(f"{op}: a row of {name} ({expert_buf.shape[2]} x {expert_buf.element_size()} bytes) must "
                          "be a multiple of 16 bytes on the nvshmem backend")
-    ws = runtime.workspace()
-    return runtime.load_extension(), ws.data_ptr(), streams.current()
+    return runtime.load_extension(), runtime.workspace(), streams.current(), runtime.transport() == "rma"
+
+
+def _data_area(op: str, ext, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
+    """The first `nbytes` of the workspace's data area (symmetric: puts and gets over a network need
+    symmetric local buffers), where the remote path keeps `what`."""
+    offset = ext.workspace_data_offset()
+    if nbytes > ws.numel() - offset:
+        raise ValueError(f"{op}: on the remote path {what} ({nbytes} bytes) must fit the workspace's data area "
+                         f"({ws.numel() - offset} bytes): raise SYMCOMM_WORKSPACE_BYTES")
+    return ws[offset:offset + nbytes]
 
 
 def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
@@ -47,19 +55,22 @@ def pair_positions(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 
 def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
-    ext, ws, stream = _context("moe_dispatch", expert_x, "expert_x")
+    ext, ws, stream, rma = _context("moe_dispatch", expert_x, "expert_x")
     tokens, top_k = topk_ids.shape
     # The kernel reads the ids as contiguous int64 [T * k]: reshape alone may return a strided view.
     ids = topk_ids.long().contiguous().view(-1)
     counts, positions = pair_positions(ids, num_experts)
     routing = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
     x = x.contiguous()
-    if x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
+    if rma and not runtime.is_symmetric(x):  # the puts' source
+        x = _data_area("moe_dispatch", ext, ws, x.numel() * x.element_size(), "x").view(x.dtype).view(x.shape).copy_(x)
+    elif x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
         x = x.clone()
     capacity, hidden = expert_x.shape[1], expert_x.shape[2]
-    ext.moe_dispatch(ws, x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
+    ext.moe_dispatch(ws.data_ptr(), x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
                      expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts, capacity, hidden,
-                     DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream.cuda_stream)
+                     DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream.cuda_stream,
+                     rma)
     streams.launched(stream)
     return routing
 
@@ -67,13 +78,15 @@ def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
 def combine(expert_y, topk_weights, routing):
     if expert_y.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"moe_combine: the nvshmem backend combines float16 or bfloat16 expert_y, got {expert_y.dtype}")
-    ext, ws, stream = _context("moe_combine", expert_y, "expert_y")
+    ext, ws, stream, rma = _context("moe_combine", expert_y, "expert_y")
     tokens, top_k = routing.shape
     local, capacity, hidden = expert_y.shape
+    if rma:  # where the kernel fetches the k rows of every token
+        _data_area("moe_combine", ext, ws, tokens * top_k * hidden * expert_y.element_size(), "tokens x top_k rows")
     y = torch.empty((tokens, hidden), dtype=expert_y.dtype, device=expert_y.device)
     routing, weights = routing.contiguous(), topk_weights.contiguous()
-    ext.moe_combine(ws, expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens, top_k,
+    ext.moe_combine(ws.data_ptr(), expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens, top_k,
                     local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
-                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream)
+                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream, rma)
     streams.launched(stream)
     return y

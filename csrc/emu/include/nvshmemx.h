@@ -8,5 +8,12 @@ void nvshmemi_finalize();
 // Called by every thread of a block: copies, then sets the signal on `pe` once the data is there.
 void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
                                   std::uint64_t signal, int sig_op, int pe);
+// Called by every thread of a block, or of a warp (same arguments): copies `bytes` to `dest` on `pe`
+// (put) or from `source` on `pe` (get), the threads in turn. The copy is done on return, as quiet
+// promises for the non-blocking forms; the caller's side must be on its own symmetric heap, as
+// NVSHMEM's network transports need.
+void nvshmemx_putmem_block(void* dest, const void* source, std::size_t bytes, int pe);
+void nvshmemx_putmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe);
+void nvshmemx_getmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe);
 // Sets (or adds to) the signal word at sig_addr on `pe`, ordered after the caller's earlier puts to it.
 void nvshmemx_signal_op(std::uint64_t* sig_addr, std::uint64_t signal, int sig_op, int pe);
