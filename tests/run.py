@@ -113,7 +113,8 @@ GPU_FILES = ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "
 EMULATED_RUNS = [
     ("", 2, GPU_SUITES, {}),
     ("", 3, GPU_FILES, {}),
-    (" rma", 2, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py", "test_ops.py"), {"SYMCOMM_TRANSPORT": "rma"}),
+    (" rma", 2, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py", "test_ops.py", "test_bench.py",
+              "test_bench_moe.py"), {"SYMCOMM_TRANSPORT": "rma"}),
     (" 2 nodes", 4, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py"), {"SYMCOMM_EMU_PES_PER_NODE": "2"}),
     (" 3 nodes", 3, ("test_collectives_gpu.py", "test_moe_gpu.py"), {"SYMCOMM_EMU_PES_PER_NODE": "1"}),
 ]

@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import symcomm
+from symcomm import runtime
 from symcomm.bench import moe
 
 pytestmark = pytest.mark.dist
@@ -33,6 +35,7 @@ def test_rows_are_timed_checked_and_written(world, tmp_path, monkeypatch, capsys
         assert [(xs, ys) for _, xs, ys in lines] == expected
     assert [(r["config"], r["tokens"]) for r in rows] == [("tiny", 1), ("tiny", 5), ("tiny-top1", 1), ("tiny-top1", 5)]
     assert all(r["correct"] for r in rows)
+    assert {r["path"] for r in rows} == {symcomm.transport() or "torch.distributed"}
     assert all(r["dispatch_us"] > 0 and r["base_combine_us"] > 0 and r["capacity"] >= 1 for r in rows)
     # Logical bandwidth: tokens x top-k x hidden x itemsize per rank.
     logical = 5 * 2 * 16 * getattr(torch, rows[1]["dtype"]).itemsize
@@ -40,3 +43,14 @@ def test_rows_are_timed_checked_and_written(world, tmp_path, monkeypatch, capsys
     assert (tmp_path / f"moe-w{world.world_size}.csv").read_text().count("\n") == 5
     assert (tmp_path / f"moe-w{world.world_size}.png").stat().st_size > 0
     assert capsys.readouterr().out.count(" ok") == 4
+
+
+def test_remote_path_leaves_out_what_its_data_area_cannot_fetch_and_says_so(world, monkeypatch):
+    """On the remote path, token counts whose combine rows (tokens x top-k x hidden) exceed the
+    workspace's data area are left out of the run, named in the header, not failed."""
+    monkeypatch.setattr(runtime, "transport", lambda: "rma")
+    monkeypatch.setattr(moe.moe, "remote_room", lambda: 1 * 2 * 16 * 2)  # tiny at 1 token, not at 5
+    header = {}
+    rows = moe.run(TINY[:1], (1, 5), torch.bfloat16, 1, 2, header)
+    assert [r.tokens for r in rows] == [1] and all(r.correct and r.path == "rma" for r in rows)
+    assert header["left_out"].startswith("tiny x 5 tokens: combine's rows exceed the workspace's data area")

@@ -26,13 +26,19 @@ def _context(op: str, expert_buf: torch.Tensor, name: str):
     return runtime.load_extension(), runtime.workspace(), streams.current(), runtime.transport() == "rma"
 
 
+def remote_room() -> int:
+    """Bytes of the workspace's data area: the most the remote path stages (dispatch's x) or fetches
+    (combine's tokens x top_k rows) per call."""
+    return runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
+
+
 def _data_area(op: str, ext, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
     """The first `nbytes` of the workspace's data area (symmetric: puts and gets over a network need
     symmetric local buffers), where the remote path keeps `what`."""
-    offset = ext.workspace_data_offset()
-    if nbytes > ws.numel() - offset:
+    if nbytes > (room := remote_room()):
         raise ValueError(f"{op}: on the remote path {what} ({nbytes} bytes) must fit the workspace's data area "
-                         f"({ws.numel() - offset} bytes): raise SYMCOMM_WORKSPACE_BYTES")
+                         f"({room} bytes): raise SYMCOMM_WORKSPACE_BYTES")
+    offset = ext.workspace_data_offset()
     return ws[offset:offset + nbytes]
 
 

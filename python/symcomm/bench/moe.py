@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from symcomm import ops, runtime
+from symcomm import moe, ops, runtime
 from symcomm.bench import harness
 
 
@@ -53,6 +53,7 @@ class Row:
     hidden: int
     tokens: int  # per rank
     dtype: str
+    path: str  # p2p (load/store), rma (NVSHMEM puts and gets) or torch.distributed
     capacity: int
     dispatch_us: float  # median over iterations, max over ranks
     combine_us: float
@@ -120,19 +121,29 @@ def run_one(config: Config, tokens: int, dtype: torch.dtype, warmup: int, iters:
     def of_copy(op: str, us: float) -> float | None:
         return None if copy_gbs is None else hbm[op] * ranks_per_gpu / us / 1e3 / copy_gbs
 
-    return Row(config.name, experts, k, hidden, tokens, str(dtype).removeprefix("torch."), capacity,
+    return Row(config.name, experts, k, hidden, tokens, str(dtype).removeprefix("torch."),
+               runtime.transport() or "torch.distributed", capacity,
                dispatch_us, combine_us, logical / dispatch_us / 1e3, logical / combine_us / 1e3,
                base_dispatch_us, base_combine_us, base_dispatch_us / dispatch_us, base_combine_us / combine_us,
                of_copy("dispatch", dispatch_us), of_copy("combine", combine_us), correct)
 
 
+def fits(config: Config, tokens: int, dtype: torch.dtype) -> bool:
+    """Whether the remote path (if taken) can fetch combine's rows in the workspace's data area."""
+    return runtime.transport() != "rma" or tokens * config.top_k * config.hidden * dtype.itemsize <= moe.remote_room()
+
+
 def run(configs, token_counts, dtype: torch.dtype, warmup: int, iters: int, header: dict) -> list[Row]:
+    cases = [(c, t) for c in configs for t in token_counts if fits(c, t, dtype)]
+    left_out = [f"{c.name} x {t} tokens" for c in configs for t in token_counts if not fits(c, t, dtype)]
+    if left_out:
+        header["left_out"] = (f"{', '.join(left_out)}: combine's rows exceed the workspace's data area on the remote "
+                              "path (raise SYMCOMM_WORKSPACE_BYTES)")
     rows = []
-    with harness.progress("moe", len(configs) * len(token_counts), enabled=runtime.rank() == 0) as progress:
-        for config in configs:
-            for tokens in token_counts:
-                rows.append(run_one(config, tokens, dtype, warmup, iters, header))
-                progress.advance()
+    with harness.progress("moe", len(cases), enabled=runtime.rank() == 0) as progress:
+        for config, tokens in cases:
+            rows.append(run_one(config, tokens, dtype, warmup, iters, header))
+            progress.advance()
     return rows
 
 
@@ -144,7 +155,7 @@ def table(rows: list[Row]) -> str:
 
     return harness.format_table(rows, [
         ("config", lambda r: r.config, ""), ("E", lambda r: r.experts, "d"), ("k", lambda r: r.top_k, "d"),
-        ("hidden", lambda r: r.hidden, "d"), ("tokens", lambda r: r.tokens, "d"),
+        ("hidden", lambda r: r.hidden, "d"), ("tokens", lambda r: r.tokens, "d"), ("path", lambda r: r.path, ""),
         ("dispatch us", lambda r: r.dispatch_us, ".1f"), ("GB/s", lambda r: r.dispatch_gbs, ".2f"),
         ("base us", lambda r: r.base_dispatch_us, ".1f"), ("speedup", lambda r: r.dispatch_speedup, ".2f"),
         ("combine us", lambda r: r.combine_us, ".1f"), ("GB/s", lambda r: r.combine_gbs, ".2f"),
