@@ -85,6 +85,7 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
   m.def("set_max_blocks", &symcomm::set_max_blocks, py::arg("n"));
   m.attr("max_blocks") = symcomm::kMaxBlocks;
   m.attr("max_peers") = symcomm::kMaxPeers;
+  m.attr("max_pes") = symcomm::kMaxPes;
   m.attr("max_experts") = symcomm::kMaxExperts;
   m.attr("max_top_k") = symcomm::kMaxTopK;
   m.def(

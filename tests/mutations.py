@@ -164,6 +164,12 @@ MUTATIONS = {
     "the fused path without the join, on the emulated device": (
         "python/symcomm/gemm.py", "    main.wait_stream(side)\n", "", "test_gemm_gpu.py -k gemm_all_reduce", "emulated"),
     # The remote path's MoE kernels and the hierarchical collectives.
+    "a push reduce of more than 8 rows keeps only its last pass": (
+        "csrc/collectives/collectives.cu", "const int carried = done > 0,", "const int carried = 0,",
+        "test_emu_collectives.py -k beyond"),
+    "a barrier that waits for no more members than a block has threads": (
+        "csrc/core/workspace.cuh", "member < team.size; member += blockDim.x", "member < team.size; member += 1 << 30",
+        "test_emu_collectives.py -k beyond"),
     "the MoE remote path puts every row to PE 0": (
         "csrc/moe/moe.cu", "a.ws.base + a.mine.offset + row * a.row_bytes, src, a.row_bytes, owner);",
         "a.ws.base + a.mine.offset + row * a.row_bytes, src, a.row_bytes, 0);", "test_emu_moe.py -k rma"),

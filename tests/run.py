@@ -108,7 +108,7 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
 # The emulated runs: (name, world size, files, environment). At 3 ranks only the GPU files, since the
 # contract suites size their inputs for 1, 2 and 4 ranks. Then the remote path: forced on one node
 # (SYMCOMM_TRANSPORT=rma), and on emulated nodes that load/store does not reach across (2 x 2 PEs,
-# 3 x 1 PE), where it is the only path.
+# 3 x 1 PE), where it is the only path; and MoE at 10 PEs (2 x 5), beyond what a load/store kernel reads.
 GPU_FILES = ("test_nvshmem.py", "test_collectives_gpu.py", "test_gemm_gpu.py", "test_moe_gpu.py")
 EMULATED_RUNS = [
     ("", 2, GPU_SUITES, {}),
@@ -117,6 +117,7 @@ EMULATED_RUNS = [
               "test_bench_moe.py"), {"SYMCOMM_TRANSPORT": "rma"}),
     (" 2 nodes", 4, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py"), {"SYMCOMM_EMU_PES_PER_NODE": "2"}),
     (" 3 nodes", 3, ("test_collectives_gpu.py", "test_moe_gpu.py"), {"SYMCOMM_EMU_PES_PER_NODE": "1"}),
+    (" 2 nodes", 10, ("test_moe_gpu.py",), {"SYMCOMM_EMU_PES_PER_NODE": "5"}),
 ]
 EMULATED_WORKSPACE_BYTES = 1 << 20  # small, so that the GPU suites' largest cases chunk at small sizes
 

@@ -141,6 +141,7 @@ LAYOUTS = [(1, 0), (2, 0), (3, 0), (4, 0), (4, 2), (3, 1), (3, 2), (2, 1)]
 # what collectives.py passes for it (from the output's row pitch).
 PUSHES = [("all_reduce", True), ("all_reduce", False), ("reduce_scatter", True), ("reduce_scatter", False),
           ("all_gather", None), ("all_to_all", None)]
+PUSH_IDS = [f"{k}-{ {True: 'vec16', False: 'scalar'}.get(v, 'copy')}" for k, v in PUSHES]
 
 
 # Under ThreadSanitizer (orderings, not arithmetic): one dtype, the sizes with several blocks and a tail.
@@ -148,11 +149,24 @@ PUSHES = [("all_reduce", True), ("all_reduce", False), ("reduce_scatter", True),
 @pytest.mark.parametrize("dtype", ["float32"] if H.TSAN else DTYPES)
 @pytest.mark.parametrize("npes,pes_per_node", [lay for lay in LAYOUTS if not H.TSAN or lay[0] < 4],
                          ids=lambda v: str(v))
-@pytest.mark.parametrize("kernel,vec16", PUSHES, ids=[f"{k}-{ {True: 'vec16', False: 'scalar'}.get(v, 'copy')}"
-                                                      for k, v in PUSHES])
+@pytest.mark.parametrize("kernel,vec16", PUSHES, ids=PUSH_IDS)
 def test_remote_path(kernel, vec16, npes, pes_per_node, dtype, size):
     """push_reduce and push_gather: every PE's rows reach the others only by puts with signal, across
     emulated nodes too (where a peer pointer is null, so a kernel that used one would fail)."""
+    run_push(kernel, vec16, npes, pes_per_node, dtype, size)
+
+
+@pytest.mark.parametrize("npes,pes_per_node", [(12, 4)] if H.TSAN else [(12, 4), (10, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("kernel,vec16", PUSHES[::2] if H.TSAN else PUSHES, ids=PUSH_IDS[::2] if H.TSAN else PUSH_IDS)
+def test_remote_path_beyond_what_load_store_kernels_read(kernel, vec16, npes, pes_per_node):
+    """More PEs than a load/store kernel reads (8): the push kernels sum in passes of 8 rows, the
+    partial sum carried in the output, and the barriers take turns where a team outnumbers a block's
+    threads (8 here)."""
+    run_push(kernel, vec16, npes, pes_per_node, "float32", "blocks", workspace_bytes=8 << 20, heap_bytes=16 << 20,
+             threads=8)
+
+
+def run_push(kernel, vec16, npes, pes_per_node, dtype, size, **world):
     rng = np.random.default_rng([npes, pes_per_node, DTYPES.index(dtype), len(size), bool(vec16), len(kernel)])
     width = lengths(dtype)[size]
     rows = npes if kernel in ("reduce_scatter", "all_to_all") else 1
@@ -160,7 +174,7 @@ def test_remote_path(kernel, vec16, npes, pes_per_node, dtype, size):
     isz = H.ITEMSIZE[dtype]
     if gathers:
         vec16 = width * isz % 16 == 0
-    with H.world(npes, pes_per_node=pes_per_node) as w:
+    with H.world(npes, pes_per_node=pes_per_node, **world) as w:
         inputs, values = random_inputs(w, rng, rows, width, dtype, vec16)
         outs = []
         for pe in range(npes):

@@ -412,6 +412,11 @@ def test_the_path_follows_the_cut_point_the_sizes_and_the_request(world, monkeyp
         gemm.choose("gemm_reduce_scatter", 8, 4096, 1001, torch.float16, 4, big, "fused")
     with pytest.raises(ValueError, match=r"partial .* exceeds the workspace"):
         gemm.choose("gemm_reduce_scatter", 1 << 16, 4096, 1024, torch.float16, 4, big, "fused")
+    # More ranks than the fused comm kernel reads by load/store: unfused (over the remote path), saying why.
+    path, why = gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 16, big, max_peers=8)
+    assert (path, why) == ("unfused", "16 ranks: the fused kernels read at most 8 peers by load/store")
+    with pytest.raises(ValueError, match=r"path='fused' cannot run here: 16 ranks: the fused kernels read at most 8"):
+        gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 16, big, "fused", max_peers=8)
     monkeypatch.setenv(gemm.PATH_ENV, "fused")
     assert gemm.choose("gemm_all_reduce", 1, 4096, 1024, torch.bfloat16, 4, big)[0] == "fused"
     monkeypatch.setenv(gemm.PATH_ENV, "fastest")

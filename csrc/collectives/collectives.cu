@@ -195,17 +195,26 @@ __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
     else if (threadIdx.x == 0)
       nvshmemx_signal_op(flag, seq, NVSHMEM_SIGNAL_SET, pe);
   }
-  if (static_cast<int>(threadIdx.x) < t.size) {
-    const int pe = t.pe(threadIdx.x);
+  for (int member = threadIdx.x; member < t.size; member += blockDim.x) {
+    const int pe = t.pe(member);
     wait_geq(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);
   }
   __syncthreads();
   if constexpr (Reduce) {
-    const T* rows[kMaxPeers];
+    // At most kMaxPeers rows per pass, so that their pointers stay in registers; after the first
+    // pass the partial sum in dst is one of them (each thread rereads only what it wrote).
+    T* dst = reinterpret_cast<T*>(a.dst);
+    for (int done = 0; done < t.size;) {
+      const int carried = done > 0, take = min(kMaxPeers - carried, t.size - done);
+      const T* rows[kMaxPeers];
 #pragma unroll
-    for (int q = 0; q < kMaxPeers; ++q)
-      rows[q] = q < t.size ? reinterpret_cast<const T*>(inbox + q * slot_bytes) : nullptr;
-    sum_range<T, N>(rows, t.size, reinterpret_cast<T*>(a.dst), lo, hi);
+      for (int q = 0; q < kMaxPeers; ++q)
+        rows[q] = q < carried ? dst
+                  : q < carried + take ? reinterpret_cast<const T*>(inbox + (done + q - carried) * slot_bytes)
+                                       : nullptr;
+      sum_range<T, N>(rows, carried + take, dst, lo, hi);
+      done += take;
+    }
   } else {
     for (int q = 0; q < t.size; ++q) copy_bytes(inbox + q * slot_bytes, a.dst + q * a.dst_pitch, lo, hi);
   }
@@ -223,10 +232,12 @@ void with_dtype(DType dtype, F&& f) {
   SYMCOMM_CHECK(false, "unsupported dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
-Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
-  const int npes = nvshmem_n_pes();
-  SYMCOMM_CHECK(npes <= kMaxPeers, "at most " + std::to_string(kMaxPeers) + " PEs are supported, got " +
-                                       std::to_string(npes));
+// push: a remote-path kernel (any team of up to kMaxPes); else one that reads every PE directly.
+Args make_args(const CollectiveCall& c, std::int64_t itemsize, bool push = false) {
+  const int npes = nvshmem_n_pes(), most = push ? kMaxPes : kMaxPeers;
+  SYMCOMM_CHECK(npes <= most, "at most " + std::to_string(most) + " PEs are supported" +
+                                  (push ? "" : " where load/store reaches them (more take the remote path)") +
+                                  ", got " + std::to_string(npes));
   SYMCOMM_CHECK(c.workspace != 0 && c.src != 0 && (c.dst != 0 || c.len == 0), "null pointer");
   SYMCOMM_CHECK(c.row >= 0 && c.row < npes, "row " + std::to_string(c.row) + " is out of range");
   SYMCOMM_CHECK(c.len >= 0 && c.len % itemsize == 0, "len must be a whole number of elements");
@@ -248,8 +259,9 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize) {
 }
 
 // The N-wide kernel when the call allows 16-byte vectors, the scalar one otherwise.
-void launch_typed(const CollectiveCall& c, std::int64_t itemsize, void (*vec)(Args), void (*scalar)(Args)) {
-  launch(c.vec16 ? vec : scalar, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, itemsize));
+void launch_typed(const CollectiveCall& c, std::int64_t itemsize, void (*vec)(Args), void (*scalar)(Args),
+                  bool push = false) {
+  launch(c.vec16 ? vec : scalar, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, itemsize, push));
 }
 
 }  // namespace
@@ -276,12 +288,13 @@ void gather(const CollectiveCall& c) {
 void push_reduce(const CollectiveCall& c) {
   with_dtype(c.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_typed(c, sizeof(T), push_kernel<T, 16 / sizeof(T), true>, push_kernel<T, 1, true>);
+    launch_typed(c, sizeof(T), push_kernel<T, 16 / sizeof(T), true>, push_kernel<T, 1, true>, /*push=*/true);
   });
 }
 
 void push_gather(const CollectiveCall& c) {
-  launch(push_kernel<unsigned char, 1, false>, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, 1));
+  launch(push_kernel<unsigned char, 1, false>, grid_for(c.len, kThreads), kThreads, 0, c.stream,
+         make_args(c, 1, /*push=*/true));
 }
 
 void load_collective_kernels() {

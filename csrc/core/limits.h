@@ -2,7 +2,8 @@
 // Sizes of the fixed arrays in the symmetric workspace (core/workspace.cuh), also checked on the host.
 namespace symcomm {
 
-constexpr int kMaxPeers = 8;    // PEs a kernel can talk to
+constexpr int kMaxPes = 64;     // PEs in a job (barrier flags and MoE counts per sending PE)
+constexpr int kMaxPeers = 8;    // PEs a load/store kernel reads directly, or a push kernel sums in one pass
 constexpr int kMaxBlocks = 64;  // blocks per collective kernel
 constexpr int kMaxExperts = 1024;  // MoE experts a dispatch can route to
 constexpr int kMaxTopK = 16;       // MoE experts per token

@@ -1,9 +1,9 @@
 #pragma once
 // The symmetric workspace every kernel shares (allocated once at init, same offsets on every PE):
 //
-//   slots[kMaxBlocks][kMaxPeers]   barrier flags, one per (block, sending PE), each with a payload
+//   slots[kMaxBlocks][kMaxPes]     barrier flags, one per (block, sending PE), each with a payload
 //   seq[kMaxBlocks]                how many barriers each block index has passed (this PE only)
-//   moe_counts[kMaxPeers][kMaxExperts]  MoE dispatch: each sender's pairs per expert
+//   moe_counts[kMaxPes][kMaxExperts]  MoE dispatch: each sender's pairs per expert
 //   moe_peers[kMaxPeers]           MoE dispatch: where each PE's expert buffer is (this PE's copy)
 //   gemm_epoch                     fused GEMM calls started on this PE (the tag of the current one)
 //   tile_ready[kMaxGemmTiles]      fused GEMM: this PE's partial tile t is written (tagged)
@@ -40,10 +40,10 @@ struct Slot {
   Payload payload;
 };
 
-constexpr std::size_t kSlotsBytes = sizeof(Slot) * kMaxBlocks * kMaxPeers;
+constexpr std::size_t kSlotsBytes = sizeof(Slot) * kMaxBlocks * kMaxPes;
 constexpr std::size_t kSeqBytes = sizeof(std::uint64_t) * kMaxBlocks;
 constexpr std::size_t kMoeCountsOffset = kSlotsBytes + kSeqBytes;
-constexpr std::size_t kMoeCountsBytes = sizeof(int) * kMaxPeers * kMaxExperts;
+constexpr std::size_t kMoeCountsBytes = sizeof(int) * kMaxPes * kMaxExperts;
 constexpr std::size_t kMoePeersOffset = kMoeCountsOffset + kMoeCountsBytes;
 constexpr std::size_t kGemmEpochOffset = kMoePeersOffset + sizeof(Payload) * kMaxPeers;
 constexpr std::size_t kGemmFlagsOffset = kGemmEpochOffset + sizeof(std::uint64_t);
@@ -55,7 +55,7 @@ struct Workspace {
   char* base;  // this PE's workspace (symmetric)
 
   __device__ Slot* slot(int block, int sender) const {
-    return reinterpret_cast<Slot*>(base) + block * kMaxPeers + sender;
+    return reinterpret_cast<Slot*>(base) + block * kMaxPes + sender;
   }
   __device__ std::uint64_t* seq(int block) const {
     return reinterpret_cast<std::uint64_t*>(base + kSlotsBytes) + block;
@@ -89,9 +89,10 @@ struct Workspace {
 __device__ inline void block_barrier(const Workspace& ws, const Team& team, std::uint64_t seq, Payload payload,
                                      Payload* peer_payload, bool rma) {
   const int me = nvshmem_my_pe();
-  const int q = team.pe(threadIdx.x);
   __syncthreads();
-  if (static_cast<int>(threadIdx.x) < team.size) {
+  // A thread per member (in turns where the team outnumbers the block's threads).
+  for (int member = threadIdx.x; member < team.size; member += blockDim.x) {
+    const int q = team.pe(member);
     // Cumulative through the bar.sync above: orders every thread's earlier writes before the flag.
     __threadfence_system();
     if (rma) {

@@ -171,7 +171,9 @@ __global__ void __launch_bounds__(kThreads) moe_combine_kernel(MoeArgs a) {
 
 MoeArgs make_args(const MoeCall& c) {
   const int npes = nvshmem_n_pes();
-  SYMCOMM_CHECK(npes <= kMaxPeers, "at most " + std::to_string(kMaxPeers) + " PEs are supported");
+  const int most = c.rma ? kMaxPes : kMaxPeers;
+  SYMCOMM_CHECK(npes <= most, "at most " + std::to_string(most) + " PEs are supported" +
+                                  (c.rma ? "" : " where load/store reaches them (more take the remote path)"));
   SYMCOMM_CHECK(c.num_experts >= npes && c.num_experts % npes == 0 && c.num_experts <= kMaxExperts,
                 "num_experts must be a multiple of the PE count and at most " + std::to_string(kMaxExperts));
   SYMCOMM_CHECK(c.top_k >= 1 && c.top_k <= kMaxTopK, "top_k must be in [1, " + std::to_string(kMaxTopK) + "]");

@@ -94,17 +94,22 @@ def fused_min_m(world: int) -> int | None:
 
 
 def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data_bytes: int,
-           path: str = "auto", reachable: bool = True) -> tuple[str, str]:
+           path: str = "auto", reachable: bool = True, max_peers: int = 8) -> tuple[str, str]:
     """('fused' | 'unfused', why) for torch.ops.symcomm.<op> on this rank's a [m, k] and b [k, n] on the
-    nvshmem backend, given the workspace's data area and whether load/store reaches every rank (the
-    same on every rank, as the sizes are: every rank decides the same)."""
+    nvshmem backend, given the workspace's data area, whether load/store reaches every rank and how
+    many ranks the fused comm kernel can read (the same on every rank, as the sizes are: every rank
+    decides the same)."""
     if path == "auto":
         path = os.environ.get(PATH_ENV, "auto")
         if path not in PATHS:
             raise ValueError(f"{PATH_ENV}={path!r}; expected one of {PATHS}")
     # Tensor parallelism stays within a node: the fused comm kernel reads its peers by load/store.
-    plan = fused_plan(op, m, n, k, dtype, world, data_bytes) if reachable else (
-        "some ranks are out of load/store reach (other nodes): the fused kernels run within one NVLink domain")
+    if not reachable:
+        plan = "some ranks are out of load/store reach (other nodes): the fused kernels run within one NVLink domain"
+    elif world > max_peers:
+        plan = f"{world} ranks: the fused kernels read at most {max_peers} peers by load/store"
+    else:
+        plan = fused_plan(op, m, n, k, dtype, world, data_bytes)
     if path == "fused":
         if isinstance(plan, str):
             raise ValueError(f"{op}: path='fused' cannot run here: {plan}")
@@ -122,9 +127,10 @@ def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data
 
 def path_for(op: str, a: torch.Tensor, b: torch.Tensor, path: str = "auto") -> str:
     """The path torch.ops.symcomm.<op>(a, b, path=path) takes on the nvshmem backend."""
-    data_bytes = runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
+    ext = runtime.load_extension()
+    data_bytes = runtime.workspace().numel() - ext.workspace_data_offset()
     return choose(op, a.shape[0], b.shape[1], a.shape[1], a.dtype, runtime.world_size(), data_bytes, path,
-                  runtime.all_reachable())[0]
+                  runtime.all_reachable(), ext.max_peers)[0]
 
 
 # ---------------------------------------------------------------------------------------------

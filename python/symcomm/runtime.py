@@ -145,8 +145,8 @@ def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
             ext = load_extension()
         except ImportError as e:
             return f"the emulated device could not be loaded ({e})"
-        return None if dist.get_world_size() <= ext.max_peers else \
-            f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_peers}"
+        return None if dist.get_world_size() <= ext.max_pes else \
+            f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_pes}"
     if device.type != "cuda":
         return "no CUDA GPU is visible to torch"
     try:
@@ -155,8 +155,8 @@ def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
         return f"the CUDA extension symcomm._C could not be loaded ({e}); was symcomm built with SYMCOMM_CUDA=OFF?"
     except OSError as e:
         return f"the NVSHMEM host library could not be loaded ({e})"
-    if dist.get_world_size() > ext.max_peers:
-        return f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_peers}"
+    if dist.get_world_size() > ext.max_pes:
+        return f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_pes}"
     try:
         import nvshmem.core  # noqa: F401
     except Exception as e:  # nvshmem4py raises assorted errors when cuda-python is off
@@ -299,7 +299,8 @@ def _learn_topology(state: _State, ext) -> None:
     if 1 < per_node < state.world_size and node == [r // per_node for r in range(state.world_size)]:
         state.node_layout = (len(unique), per_node)
     state.all_reachable = all(map(all, rows))
-    state.transport = "rma" if forced == "rma" or not state.all_reachable else "p2p"
+    # The load/store kernels read at most max_peers PEs directly; a larger job takes the remote path.
+    state.transport = "rma" if forced == "rma" or not state.all_reachable or state.world_size > ext.max_peers else "p2p"
     for k, name in enumerate(unique if state.rank == 0 else ()):
         pes = [r for r in range(state.world_size) if names[r] == name]
         reach = [q for q, ok in enumerate(rows[pes[0]]) if ok]
