@@ -45,8 +45,8 @@ __device__ __forceinline__ char* expert_row(const MoeArgs& a, const Payload& buf
 __device__ Session moe_session(const MoeArgs& a) { return Session::resume(a.ws, Team{0, 1, a.npes}, a.mine, a.rma); }
 
 // One block: meet every PE (so nobody still uses the buffers this dispatch overwrites), learn where
-// each PE's expert_x is, tell every PE how many pairs we send to each expert, and once all counts are
-// in, total this PE's own experts.
+// each PE's expert_x is (by load/store; the remote path puts at our own offset), tell every PE how
+// many pairs we send to each expert, and once all counts are in, total this PE's own experts.
 __global__ void __launch_bounds__(kThreads) moe_counts_kernel(MoeArgs a) {
   __shared__ Payload peers[kMaxPeers];
   Session s = moe_session(a);
