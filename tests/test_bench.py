@@ -6,6 +6,7 @@ import json
 import pytest
 
 import symcomm
+from symcomm import runtime
 from symcomm.bench import __main__ as bench
 from symcomm.bench import harness
 
@@ -17,11 +18,15 @@ def test_every_benchmark_runs_and_checks_its_output(world, name, tmp_path):
                               symmetric=False, algorithms=True)
     header = harness.environment()
     rows = bench.run(name, bench.BENCHES[name], args, header)
-    # Three sizes; on the nvshmem backend all-reduce has a row per algorithm too (auto, one_shot, two_shot).
-    n = 3 * (3 if name == "all-reduce" and world.backend == "nvshmem" else 1)
+    # Three sizes; on the nvshmem backend all-reduce has a row per algorithm too (auto, one_shot, two_shot),
+    # except on the remote path, which has no algorithm to choose.
+    rma = symcomm.transport() == "rma"
+    n = 3 * (3 if name == "all-reduce" and world.backend == "nvshmem" and not rma else 1)
     assert [r.count for r in rows] == sorted(r.count for r in rows) and len(rows) == n
     assert all(r.correct and r.time_us > 0 and r.baseline_us > 0 for r in rows)
     assert {r.transport for r in rows} == {symcomm.transport() or "torch.distributed"}
+    if name == "all-reduce" and rma and world.world_size > 1:
+        assert {r.algorithm for r in rows} == {"auto/hierarchical" if runtime.node_layout() else "auto/one_shot"}
     for r in rows:
         # Each side's bandwidth from its own time: a baseline twice as slow has half the bandwidth.
         assert r.baseline_busbw_gbs * r.baseline_us == pytest.approx(r.busbw_gbs * min(r.time_us, r.graph_us or r.time_us))

@@ -104,7 +104,8 @@ def run(name: str, bench: Bench, args, header: dict) -> list[harness.Row]:
     dtype = DTYPES[args.dtype]
     itemsize = dtype.itemsize
     algorithms = ["auto"]
-    if name == "all-reduce" and args.algorithms and runtime.backend() == "nvshmem":
+    rma = runtime.transport() == "rma"  # the remote path has no algorithm to choose
+    if name == "all-reduce" and args.algorithms and runtime.backend() == "nvshmem" and not rma:
         algorithms += ["one_shot", "two_shot"]
     sizes = harness.size_sweep(args.min_bytes, args.max_bytes, args.factor)
     # Ranks sharing one GPU share its memory bandwidth: count their traffic together.
@@ -127,8 +128,11 @@ def run(name: str, bench: Bench, args, header: dict) -> list[harness.Row]:
                 best = min(eager, graph or eager)
                 size = count * itemsize * bench.size_factor(world)
                 algbw = size / best / 1e3
-                chosen = collectives.choose_all_reduce(count * itemsize, world, algorithm) \
-                    if name == "all-reduce" and runtime.backend() == "nvshmem" and world > 1 else algorithm
+                chosen = algorithm
+                if name == "all-reduce" and runtime.backend() == "nvshmem" and world > 1:
+                    # The remote path pushes every input to every rank, or goes hierarchically across nodes.
+                    chosen = ("hierarchical" if runtime.node_layout() else "one_shot") if rma else \
+                        collectives.choose_all_reduce(count * itemsize, world, algorithm)
                 label = f"auto/{chosen}" if algorithm == "auto" and chosen != "auto" else chosen
                 hbm = None
                 if "d2d_copy_gbs" in header:
@@ -176,7 +180,7 @@ def run_collectives(args) -> None:
             elif runtime.shared_gpu():
                 print("# note: ranks share one GPU, so the baseline is gloo through host copies, not NCCL")
             print(harness.table(rows))
-            if args.algorithms and name == "all-reduce":
+            if any(r.algorithm == "two_shot" for r in rows):
                 print(f"# measured one-shot cut-point at world {runtime.world_size()}: {measured_cut(rows)} bytes "
                       f"(python/symcomm/tuning.json, key {header.get('gpu')!r})")
             print(f"# wrote {', '.join(str(p) for p in paths)}")
