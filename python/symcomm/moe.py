@@ -73,8 +73,9 @@ def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     elif x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
         x = x.clone()
     capacity, hidden = expert_x.shape[1], expert_x.shape[2]
-    ext.moe_dispatch(ws.data_ptr(), x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(), expert_x.data_ptr(),
-                     expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts, capacity, hidden,
+    ext.moe_dispatch(ws.data_ptr(), x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(),
+                     expert_x.data_ptr(), expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts,
+                     capacity, hidden,
                      DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream.cuda_stream,
                      rma)
     streams.launched(stream)
@@ -91,8 +92,8 @@ def combine(expert_y, topk_weights, routing):
         _data_area("moe_combine", ext, ws, tokens * top_k * hidden * expert_y.element_size(), "tokens x top_k rows")
     y = torch.empty((tokens, hidden), dtype=expert_y.dtype, device=expert_y.device)
     routing, weights = routing.contiguous(), topk_weights.contiguous()
-    ext.moe_combine(ws.data_ptr(), expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens, top_k,
-                    local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
+    ext.moe_combine(ws.data_ptr(), expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens,
+                    top_k, local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
                     _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream, rma)
     streams.launched(stream)
     return y
