@@ -270,11 +270,11 @@ def _exchange(kernel: str, x: torch.Tensor, rows: torch.Tensor, out: torch.Tenso
     ctx = _context()
     isz, c = x.element_size(), rows.shape[1]
     fn, dst_pitch = getattr(ctx.ext, kernel), c * isz if dst_pitch_rows else 0
-    if ctx.rma and (layout := runtime.node_layout()):
-        _hierarchical_exchange(kernel, ctx, rows, out, *layout)
-        return
     if ctx.rma:
-        _push(f"push_{kernel}", ctx, rows, out, dst_pitch)
+        if layout := runtime.node_layout():
+            _hierarchical_exchange(kernel, ctx, rows, out, *layout)
+        else:
+            _push(f"push_{kernel}", ctx, rows, out, dst_pitch)
         return
     for lo, hi in _chunks(c, isz, ctx.data_bytes // ctx.world):
         _launch(fn, ctx, _source(ctx, rows, lo, hi), ctx.rank, (hi - lo) * isz, out.data_ptr() + lo * isz,

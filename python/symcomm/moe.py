@@ -32,14 +32,14 @@ def remote_room() -> int:
     return runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
 
 
-def _data_area(op: str, ext, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
-    """The first `nbytes` of the workspace's data area (symmetric: puts and gets over a network need
-    symmetric local buffers), where the remote path keeps `what`."""
+def _data_area(op: str, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
+    """The first `nbytes` of the workspace's data area, its last remote_room() bytes (symmetric: puts and
+    gets over a network need symmetric local buffers), where the remote path keeps `what`."""
     if nbytes > (room := remote_room()):
         raise ValueError(f"{op}: on the remote path {what} ({nbytes} bytes) must fit the workspace's data area "
                          f"({room} bytes): raise SYMCOMM_WORKSPACE_BYTES")
-    offset = ext.workspace_data_offset()
-    return ws[offset:offset + nbytes]
+    start = ws.numel() - room
+    return ws[start:start + nbytes]
 
 
 def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
@@ -69,7 +69,7 @@ def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     routing = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
     x = x.contiguous()
     if rma and not runtime.is_symmetric(x):  # the puts' source
-        x = _data_area("moe_dispatch", ext, ws, x.numel() * x.element_size(), "x").view(x.dtype).view(x.shape).copy_(x)
+        x = _data_area("moe_dispatch", ws, x.numel() * x.element_size(), "x").view(x.dtype).view(x.shape).copy_(x)
     elif x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
         x = x.clone()
     capacity, hidden = expert_x.shape[1], expert_x.shape[2]
@@ -89,7 +89,7 @@ def combine(expert_y, topk_weights, routing):
     tokens, top_k = routing.shape
     local, capacity, hidden = expert_y.shape
     if rma:  # where the kernel fetches the k rows of every token
-        _data_area("moe_combine", ext, ws, tokens * top_k * hidden * expert_y.element_size(), "tokens x top_k rows")
+        _data_area("moe_combine", ws, tokens * top_k * hidden * expert_y.element_size(), "tokens x top_k rows")
     y = torch.empty((tokens, hidden), dtype=expert_y.dtype, device=expert_y.device)
     routing, weights = routing.contiguous(), topk_weights.contiguous()
     ext.moe_combine(ws.data_ptr(), expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens,
