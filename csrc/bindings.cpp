@@ -93,22 +93,34 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
       [](std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t topk_ids, std::uintptr_t positions,
          std::uintptr_t counts, std::uintptr_t expert_x, std::uintptr_t expert_counts, std::uintptr_t routing,
          int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype, std::int64_t grid_bytes,
-         std::uintptr_t stream, bool rma) {
+         std::uintptr_t stream, bool rma, int per_node, std::uintptr_t node_pos, std::uintptr_t node_tokens,
+         std::int64_t data_bytes) {
         symcomm::moe_dispatch({workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, 0, 0,
-                               tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, stream, rma});
+                               tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, stream, rma, per_node,
+                               node_pos, node_tokens, data_bytes});
       },
       "(workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, tokens, top_k, num_experts, "
-      "capacity, hidden, dtype, grid_bytes, stream, rma); with rma x must be symmetric");
+      "capacity, hidden, dtype, grid_bytes, stream, rma, per_node, node_pos, node_tokens, data_bytes); with rma "
+      "and no per_node x must be symmetric");
   m.def(
       "moe_combine",
       [](std::uintptr_t workspace, std::uintptr_t expert_y, std::uintptr_t routing, std::uintptr_t weights,
          std::uintptr_t y, int tokens, int top_k, int num_experts, int capacity, int hidden, int dtype,
-         std::int64_t grid_bytes, std::uintptr_t stream, bool rma) {
+         std::int64_t grid_bytes, std::uintptr_t stream, bool rma, int per_node, std::uintptr_t node_pos,
+         std::uintptr_t node_tokens, std::int64_t data_bytes) {
         symcomm::moe_combine({workspace, 0, 0, 0, 0, expert_y, 0, routing, weights, y, tokens, top_k, num_experts,
-                              capacity, hidden, dtype, grid_bytes, stream, rma});
+                              capacity, hidden, dtype, grid_bytes, stream, rma, per_node, node_pos, node_tokens,
+                              data_bytes});
       },
       "(workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden, dtype, grid_bytes, "
-      "stream, rma); with rma the workspace's data area holds tokens x top_k rows");
+      "stream, rma, per_node, node_pos, node_tokens, data_bytes); with rma and no per_node the workspace's data "
+      "area holds tokens x top_k rows");
+  m.def(
+      "moe_slots",
+      [](std::int64_t data_bytes, int nodes, int top_k, std::int64_t row_bytes, bool combine) {
+        return symcomm::moe_slots(data_bytes, nodes, top_k, row_bytes, combine);
+      },
+      "tokens per rank that the hierarchical path's records (and combine's partial sums) fit in a data area");
   m.def("workspace_data_offset", &symcomm::workspace_data_offset);
   m.def("reachable_peers", &symcomm::reachable_peers, py::arg("workspace"),
         "for each PE, whether load/store reaches its copy of the workspace (nvshmem_ptr is not null)");

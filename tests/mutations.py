@@ -180,11 +180,25 @@ MUTATIONS = {
         "csrc/moe/moe.cu", "a.rma ? fetched + p * a.row_bytes", "a.rma ? fetched + t * a.top_k * a.row_bytes",
         "test_emu_moe.py -k rma"),
     "the MoE remote path puts from a private x": (
-        "python/symcomm/moe.py", "if rma and not runtime.is_symmetric(x):", "if False:", "test_moe.py",
+        "python/symcomm/moe.py", "if rma and layout is None and not runtime.is_symmetric(x):", "if False:", "test_moe.py",
         "emulated rma"),
     "the MoE remote path's combine does not check the data area's size": (
         "python/symcomm/moe.py", "        _data_area(\"moe_combine\"", "        0 and _data_area(\"moe_combine\"",
         "test_moe_gpu.py", "emulated rma"),
+    "the hierarchical MoE puts a record before its warp has written it": (
+        "csrc/moe/moe.cu", "    __syncwarp();\n    __threadfence();\n    for (int n = 0; n < nodes; ++n) {",
+        "    for (int n = 0; n < nodes; ++n) {", "test_emu_moe.py -k hierarchical"),
+    "the hierarchical MoE fans out before every record is in": (
+        "csrc/moe/moe.cu", "  s.quiet();\n  s.team = h.rail();\n  s.close();\n}\n\n// Hierarchical dispatch, step 2",
+        "  s.quiet();\n  s.save();\n}\n\n// Hierarchical dispatch, step 2", "test_emu_moe.py -k hierarchical"),
+    "the hierarchical MoE adds the partial sums it computed for its rail peer": (
+        "csrc/moe/moe.cu", "h.partial(2 * n + 1, pos) + v * N", "h.partial(2 * n, pos) + v * N",
+        "test_emu_moe.py -k hierarchical"),
+    "the hierarchical MoE weights every row of a node with the token's first weight": (
+        "csrc/moe/moe.cu", "w[here++] = load_cg(reinterpret_cast<const float*>(record + 8 * a.top_k) + j);",
+        "w[here++] = load_cg(reinterpret_cast<const float*>(record + 8 * a.top_k));", "test_emu_moe.py -k hierarchical"),
+    "the hierarchical MoE numbers a node's tokens from 1": (
+        "python/symcomm/moe.py", "touched.cumsum(0) - 1", "touched.cumsum(0)", "test_moe_gpu.py", "emulated 2 nodes"),
     "the hierarchical all-gather leaves the blocks in node order": (
         "python/symcomm/collectives.py",
         "out.view(nodes, per_node, n).copy_(gathered.view(per_node, nodes, n).transpose(0, 1))",

@@ -1,7 +1,8 @@
 """MoE dispatch and combine (csrc/moe/) and their C++ entry points on the emulated device: counts,
 slots in (expert, source PE, token) order, routing codes, the weighted pull-back, and overflow; on
-both paths: loads and stores, and the remote path (puts and gets only, every PE on a node of its own,
-so that no load or store could reach a peer)."""
+every path: loads and stores, the remote path (puts and gets only, every PE on a node of its own, so
+that no load or store could reach a peer), and the hierarchical remote path (nodes of several PEs:
+a token crosses to each node once, and load/store moves it inside the node)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import pytest
 import emu_harness as H
 
 pytestmark = pytest.mark.emu
+
+
+def node_positions(ids: np.ndarray, local: int, per_node: int, nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """What python/symcomm/moe.py computes for the hierarchical path: each token's index among this PE's
+    tokens with an expert on node n (-1: none), and their number per node."""
+    pos = np.full((ids.shape[0], nodes), -1, dtype=np.int32)
+    seen = np.zeros(nodes, dtype=np.int32)
+    for t in range(ids.shape[0]):
+        for n in sorted(set((ids[t] // local // per_node).tolist())):
+            pos[t, n] = seen[n]
+            seen[n] += 1
+    return pos, seen
 
 
 def positions_and_counts(ids: np.ndarray, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,8 +42,10 @@ class Moe:
     """One dispatch/combine setup on every PE: tokens, ids and weights per PE; expert_x symmetric."""
 
     def __init__(self, w: H.World, rng, tokens: list[int], top_k: int, local: int, hidden: int, dtype: str,
-                 capacity: int | None = None, ids: list[np.ndarray] | None = None, rma: bool = False):
-        self.w, self.top_k, self.local, self.hidden, self.dtype, self.rma = w, top_k, local, hidden, dtype, rma
+                 capacity: int | None = None, ids: list[np.ndarray] | None = None, rma: bool = False,
+                 per_node: int = 0):
+        self.w, self.top_k, self.local, self.hidden, self.dtype = w, top_k, local, hidden, dtype
+        self.rma, self.per_node = rma or per_node > 0, per_node
         self.npes = w.npes
         self.experts = local * self.npes
         self.tokens = tokens
@@ -43,8 +58,8 @@ class Moe:
         self.x = [H.exact_values(rng, (t, hidden)) for t in tokens]
         self.weights = [H.exact_values(rng, (t, top_k), span=4) for t in tokens]
         self.expert_x = w.alloc(local * self.capacity * self.row_bytes)
-        # The remote path puts rows from x: symmetric, as its caller (python/symcomm/moe.py) makes it.
-        x_sym = w.alloc(max(tokens, default=1) * self.row_bytes) if rma else None
+        # The flat remote path puts rows from x: symmetric, as its caller (python/symcomm/moe.py) makes it.
+        x_sym = w.alloc(max(tokens, default=1) * self.row_bytes) if rma and not per_node else None
         self.host = []
         for pe in range(self.npes):
             buffers = {}
@@ -58,7 +73,9 @@ class Moe:
                 raw[:] = H.encode(self.x[pe], dtype).view(np.uint8).ravel()
                 buffers["x"] = w.base(pe) + x_sym
             counts, positions = positions_and_counts(self.ids[pe].ravel(), self.experts)
-            for name, values in [("counts", counts), ("positions", positions)]:
+            node_pos, node_tokens = node_positions(self.ids[pe], local, per_node or self.npes, self.npes // (per_node or self.npes))
+            for name, values in [("counts", counts), ("positions", positions), ("node_pos", node_pos),
+                                 ("node_tokens", node_tokens)]:
                 addr, raw = w.private(max(values.nbytes, 16))
                 raw[:values.nbytes] = values.view(np.uint8).ravel()
                 buffers[name] = addr
@@ -75,20 +92,25 @@ class Moe:
     def grid_bytes(self, rows_per_token: int) -> int:
         return self.capacity // self.npes * rows_per_token * self.row_bytes
 
+    def hierarchy(self, pe: int) -> tuple:
+        """The kernels' trailing arguments: per_node, node_pos, node_tokens, data_bytes."""
+        b = self.host[pe]
+        return self.per_node, b["node_pos"], b["node_tokens"], self.w.workspace_bytes - self.w.data_offset()
+
     def dispatch(self, pe: int) -> None:
         b = self.host[pe]
         self.w.on_pe(pe)
         self.w.ext.moe_dispatch(self.w.base(pe), b["x"], b["ids"], b["positions"], b["counts"],
                                 self.w.base(pe) + self.expert_x, b["expert_counts"], b["routing"], self.tokens[pe],
                                 self.top_k, self.experts, self.capacity, self.hidden, H.DTYPE_CODES[self.dtype],
-                                self.grid_bytes(self.top_k), 0, self.rma)
+                                self.grid_bytes(self.top_k), 0, self.rma, *self.hierarchy(pe))
 
     def combine(self, pe: int, expert_y: int) -> None:
         b = self.host[pe]
         self.w.on_pe(pe)
         self.w.ext.moe_combine(self.w.base(pe), self.w.base(pe) + expert_y, b["routing"], b["weights"], b["y"],
                                self.tokens[pe], self.top_k, self.experts, self.capacity, self.hidden,
-                               H.DTYPE_CODES[self.dtype], self.grid_bytes(1), 0, self.rma)
+                               H.DTYPE_CODES[self.dtype], self.grid_bytes(1), 0, self.rma, *self.hierarchy(pe))
 
     def expected_slots(self):
         """{expert: [(source PE, token, j), ...]} in slot order, and each pair's routing code."""
@@ -156,30 +178,65 @@ def run_layer(m: Moe, expert_scale: np.ndarray) -> None:
 
 CASES = {
     # name: (tokens per PE (by npes), top_k, local experts)
-    "uneven": (lambda n: [5, 0, 9, 1][:n], 2, 2),
+    "uneven": (lambda n: ([5, 0, 9, 1] * 2)[:n], 2, 2),
     "one_token": (lambda n: [1] * n, 1, 1),
     "many": (lambda n: [40 + 3 * q for q in range(n)], 4, 3),
 }
 
 
-PATHS = pytest.mark.parametrize("rma", [False, True], ids=["p2p", "rma"])
+PATHS = pytest.mark.parametrize("path", ["p2p", "rma", "hierarchical"])
 
 
-def nodes(rma: bool) -> int:
-    """pes_per_node for H.world: on the remote path every PE on a node of its own."""
-    return 1 if rma else 0
+def layout(path: str, npes: int) -> tuple[int, dict]:
+    """PEs and pes_per_node for H.world, and Moe's path arguments: on the remote path every PE on a node
+    of its own; the hierarchical one takes one more PE than `npes` where that is odd, on nodes of 2."""
+    if path == "hierarchical":
+        return npes + npes % 2, {"per_node": 2}
+    return npes, {"rma": path == "rma"}
 
 
-@PATHS
+def world_nodes(moe_path: dict) -> int:
+    return moe_path.get("per_node") or (1 if moe_path.get("rma") else 0)
+
+
+@pytest.mark.parametrize("rma", [False, True], ids=["p2p", "rma"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("npes", [2, 3] if H.TSAN else [1, 2, 3, 4])
 def test_dispatch_combine(npes, case, dtype, rma):
     tokens, top_k, local = CASES[case]
     rng = np.random.default_rng([npes, len(case), len(dtype)])
-    with H.world(npes, pes_per_node=nodes(rma)) as w:
+    with H.world(npes, pes_per_node=1 if rma else 0) as w:
         m = Moe(w, rng, tokens(npes), top_k, local, hidden=24, dtype=dtype, rma=rma)
         run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+# (nodes, PEs per node) of the hierarchical path's cases.
+NODE_LAYOUTS = [(2, 2)] if H.TSAN else [(2, 2), (2, 3), (3, 2), (2, 4)]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("nodes", NODE_LAYOUTS, ids=lambda n: f"{n[0]}x{n[1]}")
+def test_hierarchical(nodes, case, dtype):
+    """Tokens cross to each node once, then fan out inside it; combine sums per node first."""
+    tokens, top_k, local = CASES[case]
+    npes = nodes[0] * nodes[1]
+    rng = np.random.default_rng([npes, nodes[1], len(case), len(dtype)])
+    with H.world(npes, pes_per_node=nodes[1]) as w:
+        m = Moe(w, rng, tokens(npes), top_k, local, hidden=24, dtype=dtype, per_node=nodes[1])
+        run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+def test_hierarchical_data_area_bound():
+    """More tokens than the data area's records hold: refused before any kernel runs."""
+    rng = np.random.default_rng(8)
+    with H.world(4, pes_per_node=2) as w:
+        m = Moe(w, rng, [3, 2, 1, 1], 1, 1, hidden=8, dtype="float16", per_node=2)
+        held = w.ext.moe_slots(w.workspace_bytes - w.data_offset(), 2, 1, m.row_bytes, False)
+        m.tokens = [held + 1] * 4
+        with pytest.raises(RuntimeError, match="SYMCOMM_WORKSPACE_BYTES"):
+            m.dispatch(0)
 
 
 def test_remote_path_refuses_a_private_x():
@@ -210,33 +267,33 @@ def test_dispatch_float32():
 
 
 @PATHS
-def test_duplicates_and_one_owner(rma):
+def test_duplicates_and_one_owner(path):
     """Tokens that name one expert twice (each pair its own slot, both outputs added), and every pair
     routed to PE 0's experts, with the capacity exactly full."""
-    npes, top_k, local = 3, 3, 2
+    (npes, moe_path), top_k, local = layout(path, 3), 3, 2
     rng = np.random.default_rng(11)
-    tokens = [6, 4, 5]
+    tokens = [6, 4, 5, 2][:npes]
     ids = [rng.integers(0, local, size=(t, top_k)) for t in tokens]
     ids[1][:, 1] = ids[1][:, 0]
-    with H.world(npes, pes_per_node=nodes(rma)) as w:
-        m = Moe(w, rng, tokens, top_k, local, hidden=16, dtype="bfloat16", ids=ids, rma=rma)
+    with H.world(npes, pes_per_node=world_nodes(moe_path)) as w:
+        m = Moe(w, rng, tokens, top_k, local, hidden=16, dtype="bfloat16", ids=ids, **moe_path)
         assert m.capacity == max(np.bincount(np.concatenate([i.ravel() for i in ids])))
         run_layer(m, H.exact_values(rng, m.experts, span=3))
 
 
 @PATHS
 @pytest.mark.parametrize("chaos", [0.0, 0.05], ids=["plain", "chaos"])
-def test_back_to_back_rounds(chaos, rma):
+def test_back_to_back_rounds(chaos, path):
     """Dispatch and combine, again and again, with no host synchronisation: the experts are the
     identity (combine reads expert_x), and the next dispatch may overwrite expert_x only once every PE's
     combine has read it."""
-    npes, rounds = 3, 3
+    (npes, moe_path), rounds = layout(path, 3), 3
     rng = np.random.default_rng(5)
-    with H.world(npes, blocks=2, chaos_seed=9, chaos_rate=chaos, pes_per_node=nodes(rma)) as w:
+    with H.world(npes, blocks=2, chaos_seed=9, chaos_rate=chaos, pes_per_node=world_nodes(moe_path)) as w:
         layers = []
         expert_x = None
         for _ in range(rounds):
-            m = Moe(w, rng, [7, 3, 0], 2, 2, hidden=16, dtype="float16", capacity=12, rma=rma)
+            m = Moe(w, rng, [7, 3, 0, 4][:npes], 2, 2, hidden=16, dtype="float16", capacity=16, **moe_path)
             if expert_x is None:
                 expert_x = m.expert_x
             m.expert_x = expert_x  # every round reuses one expert buffer

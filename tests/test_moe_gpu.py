@@ -4,6 +4,7 @@ trap, and the remote path's limits.
 (The contract tests in test_moe.py also run here, on the nvshmem backend.)
 """
 
+import os
 import re
 import textwrap
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from harness import run_alone
-from symcomm import runtime
+from symcomm import moe, runtime
 
 pytestmark = pytest.mark.gpu
 ops = torch.ops.symcomm
@@ -32,11 +33,30 @@ def expected_combine(x, ids, weights, rank_scale):
     return (weights.unsqueeze(-1) * scale * x.float().unsqueeze(1)).sum(1)
 
 
+def expected_hierarchy(world) -> tuple[int, int] | None:
+    """The (nodes, ranks per node) MoE goes hierarchical on: emulated nodes of several PEs each
+    (SYMCOMM_EMU_PES_PER_NODE); on a GPU, whatever the topology says."""
+    if not runtime.emulated():
+        return runtime.node_layout() if runtime.transport() == "rma" and runtime.node_reachable() else None
+    per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0"))
+    return (world.world_size // per_node, per_node) if 1 < per_node < world.world_size else None
+
+
 @pytest.mark.dist
-def test_round_trip_at_any_world_size_with_uneven_tokens(world, gen, sym):
+def test_round_trip_at_any_world_size_with_uneven_tokens(world, gen, sym, monkeypatch):
     """Dispatch, experts that scale their rows, combine, twice back to back, with some ranks sending
     no tokens: at any world size (the contract suite test_moe.py sizes itself for 1, 2 and 4 ranks),
-    so also on 3 emulated nodes of one PE, where everything moves by puts and gets."""
+    so also on 3 emulated nodes of one PE, where everything moves by puts and gets, and on nodes of
+    several PEs, where each call takes the hierarchical path."""
+    layout = expected_hierarchy(world)
+    assert moe.hierarchy() == layout
+    taken = []
+
+    def spy(*args, run=moe._hierarchical):
+        tail, kept = run(*args)
+        taken.append(tail[0])
+        return tail, kept
+    monkeypatch.setattr(moe, "_hierarchical", spy)
     experts, k, hidden = 2 * world.world_size, 2, 64
     local = experts // world.world_size
     counts = [(5, 0, 9, 2)[r % 4] for r in range(world.world_size)]
@@ -61,6 +81,7 @@ def test_round_trip_at_any_world_size_with_uneven_tokens(world, gen, sym):
         ref = expected_combine(xs[world.rank], ids[world.rank], weights[world.rank], scale)
         atol = 2e-2 * float(ref.abs().amax()) if ref.numel() else 0.0
         torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=atol)
+    assert taken == [layout[1] if layout else 0] * 4  # per_node: the kernels' hierarchical argument
 
 
 @pytest.mark.dist
@@ -140,17 +161,22 @@ def test_overflow_stops_the_kernel_with_a_message(tmp_path):
 @pytest.mark.parametrize("op", ["moe_dispatch", "moe_combine"])
 def test_remote_path_refuses_more_rows_than_its_data_area_holds(world, sym, op, monkeypatch):
     """The remote path stages a private x (dispatch) and fetches every token's k rows (combine) in the
-    workspace's data area: more than it holds is a ValueError naming SYMCOMM_WORKSPACE_BYTES, on every
-    rank, before any kernel (here on any transport: the check is the host's)."""
+    workspace's data area, the hierarchical one its records and partial sums: more than it holds is a
+    ValueError naming SYMCOMM_WORKSPACE_BYTES, on every rank, before any kernel (here on any transport:
+    the check is the host's)."""
     monkeypatch.setattr(runtime, "transport", lambda: "rma")
     data_bytes = runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
     hidden, k = 256, 2
-    rows = data_bytes // (hidden * 2) + 1  # one row more than fits
-    tokens = rows if op == "moe_dispatch" else -(-rows // k)
+    if layout := moe.hierarchy():
+        tokens = runtime.load_extension().moe_slots(data_bytes, layout[0], k, hidden * 2, op == "moe_combine") + 1
+        refusal = rf"{op}: on the hierarchical remote path the workspace's data area \({data_bytes} bytes\) holds "
+    else:
+        rows = data_bytes // (hidden * 2) + 1  # one row more than fits
+        tokens = rows if op == "moe_dispatch" else -(-rows // k)
+        refusal = rf"{op}: on the remote path .* must fit the workspace's data area "
     expert_buf = sym((1, 8, hidden), torch.bfloat16)
     ids = torch.full((tokens, k), world.rank, dtype=torch.int64, device=world.device)
-    with pytest.raises(ValueError, match=rf"{op}: on the remote path .* must fit the workspace's data area .*"
-                                         "SYMCOMM_WORKSPACE_BYTES"):
+    with pytest.raises(ValueError, match=refusal + ".*SYMCOMM_WORKSPACE_BYTES"):
         if op == "moe_dispatch":
             x = torch.randn(tokens, hidden, device=world.device).to(torch.bfloat16)
             ops.moe_dispatch(x, ids, world.world_size, expert_buf, torch.empty(1, dtype=torch.int32, device=world.device))

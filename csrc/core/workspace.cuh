@@ -5,6 +5,7 @@
 //   seq[kMaxBlocks]                how many barriers each block index has passed (this PE only)
 //   moe_counts[kMaxPes][kMaxExperts]  MoE dispatch: each sender's pairs per expert
 //   moe_peers[kMaxPeers]           MoE dispatch: where each PE's expert buffer is (this PE's copy)
+//   moe_nodes[kMaxPes][kMaxPes]    hierarchical MoE: each sender's tokens for every node
 //   gemm_epoch                     fused GEMM calls started on this PE (the tag of the current one)
 //   tile_ready[kMaxGemmTiles]      fused GEMM: this PE's partial tile t is written (tagged)
 //   tile_reduced[kMaxGemmTiles]    fused GEMM + all-reduce: tile t, owned here, is reduced (tagged)
@@ -45,7 +46,8 @@ constexpr std::size_t kSeqBytes = sizeof(std::uint64_t) * kMaxBlocks;
 constexpr std::size_t kMoeCountsOffset = kSlotsBytes + kSeqBytes;
 constexpr std::size_t kMoeCountsBytes = sizeof(int) * kMaxPes * kMaxExperts;
 constexpr std::size_t kMoePeersOffset = kMoeCountsOffset + kMoeCountsBytes;
-constexpr std::size_t kGemmEpochOffset = kMoePeersOffset + sizeof(Payload) * kMaxPeers;
+constexpr std::size_t kMoeNodesOffset = kMoePeersOffset + sizeof(Payload) * kMaxPeers;
+constexpr std::size_t kGemmEpochOffset = kMoeNodesOffset + sizeof(int) * kMaxPes * kMaxPes;
 constexpr std::size_t kGemmFlagsOffset = kGemmEpochOffset + sizeof(std::uint64_t);
 constexpr std::size_t kGemmFlagsBytes = sizeof(std::uint64_t) * kMaxGemmTiles;
 // Data starts on a 256-byte boundary so staged rows are aligned for 16-byte vectors.
@@ -64,6 +66,7 @@ struct Workspace {
     return reinterpret_cast<int*>(base + kMoeCountsOffset) + sender * kMaxExperts;
   }
   __device__ Payload* moe_peers() const { return reinterpret_cast<Payload*>(base + kMoePeersOffset); }
+  __device__ int* moe_nodes(int sender) const { return reinterpret_cast<int*>(base + kMoeNodesOffset) + sender * kMaxPes; }
   __host__ __device__ std::uint64_t* gemm_epoch() const { return reinterpret_cast<std::uint64_t*>(base + kGemmEpochOffset); }
   __host__ __device__ std::uint64_t* tile_ready() const { return gemm_flags(0); }
   __host__ __device__ std::uint64_t* tile_reduced() const { return gemm_flags(1); }

@@ -36,6 +36,7 @@ uint3 block_index();
 dim3 block_dim();
 dim3 grid_dim();
 void sync_block();
+void sync_warp();
 [[noreturn]] void trap();
 // A flag load in a wait loop: the running thread lets the others of its block run.
 void schedule(const void* flag);
@@ -56,8 +57,10 @@ void launch(const void* entry, dim3 grid, dim3 block, std::uintptr_t stream, std
 #define blockDim (::symcomm::emu::block_dim())
 #define gridDim (::symcomm::emu::grid_dim())
 #define __syncthreads() ::symcomm::emu::sync_block()
+#define __syncwarp(...) ::symcomm::emu::sync_warp()
 #define __trap() ::symcomm::emu::trap()
 #define __threadfence_system() ::symcomm::emu::fence()
+#define __threadfence() ::symcomm::emu::fence()
 // Device printf also records the message, so that a trap's error can repeat what the kernel said.
 #define printf(...) ::symcomm::emu::device_printf(__VA_ARGS__)
 

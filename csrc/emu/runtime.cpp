@@ -193,7 +193,7 @@ struct Launch {
   std::string error;
 };
 
-enum class State { kRunnable, kBarrier, kDone };
+enum class State { kRunnable, kBarrier, kWarpBarrier, kDone };
 
 struct Fiber {
   ucontext_t ctx;
@@ -266,6 +266,21 @@ void release_barrier(Block* b) {
     if (f.state == State::kBarrier) f.state = State::kRunnable;
 }
 
+// The lanes of f's warp (32 threads in index order, as on a GPU); releases them from __syncwarp() if
+// every live lane but `arriving` waits there, and says whether it did.
+bool release_warp(Block* b, const Fiber* f, bool arriving) {
+  const std::size_t first = (f - b->fibers.data()) / 32 * 32, last = std::min(first + 32, b->fibers.size());
+  int live = 0, waiting = arriving ? 1 : 0;
+  for (std::size_t k = first; k < last; ++k) {
+    live += b->fibers[k].state != State::kDone;
+    waiting += b->fibers[k].state == State::kWarpBarrier;
+  }
+  if (waiting == 0 || waiting < live) return false;
+  for (std::size_t k = first; k < last; ++k)
+    if (b->fibers[k].state == State::kWarpBarrier) b->fibers[k].state = State::kRunnable;
+  return true;
+}
+
 void record_error(Launch* l, const std::string& what, const std::string& said) {
   std::lock_guard<std::mutex> lock(l->mu);
   if (l->error.empty()) {
@@ -294,6 +309,7 @@ void fiber_main() {
   f->state = State::kDone;
   --b->live;
   if (b->trapped == nullptr && b->arrived > 0 && b->arrived == b->live) release_barrier(b);
+  if (b->trapped == nullptr) release_warp(b, f, false);
   to_scheduler();
 }
 
@@ -414,6 +430,15 @@ void sync_block() {
     return;
   }
   b->current->state = State::kBarrier;
+  to_scheduler();
+  check_aborted();
+}
+
+void sync_warp() {
+  Block* b = t_block;
+  check_trapped();
+  if (release_warp(b, b->current, true)) return;
+  b->current->state = State::kWarpBarrier;
   to_scheduler();
   check_aborted();
 }

@@ -24,7 +24,25 @@ struct MoeCall {
   std::int64_t grid_bytes;      // sizes the grid; the same on every PE (from max tokens, not T)
   std::uintptr_t stream;
   bool rma;                     // the remote path (runtime.transport() == "rma"): x symmetric, see moe.cu
+  // The hierarchical remote path (ranks on nodes of per_node each; 0: flat), see Hierarchy in moe.cu:
+  int per_node;
+  std::uintptr_t node_pos;      // [T, nodes] int32: token t's index among this rank's tokens for node n, or -1
+  std::uintptr_t node_tokens;   // [nodes] int32: this rank's tokens for each node
+  std::int64_t data_bytes;      // the workspace's data area, where its records go
 };
+
+// The hierarchical path's data area per token (dispatch's record: the k routing codes, then the row;
+// combine's: the codes and the k float32 weights, and two float32 partial sums per node), and the
+// tokens per PE it holds: `slots` of each, (1 + nodes) regions of records and 2 x nodes of sums.
+constexpr std::int64_t moe_meta_bytes(int top_k, bool combine) { return (top_k * (combine ? 12 : 8) + 15) / 16 * 16; }
+constexpr std::int64_t moe_record_bytes(int top_k, std::int64_t row_bytes, bool combine) {
+  return moe_meta_bytes(top_k, combine) + (combine ? 0 : row_bytes);
+}
+constexpr std::int64_t moe_partial_bytes(std::int64_t row_bytes) { return row_bytes * 2; }  // of 2-byte elements
+constexpr std::int64_t moe_slots(std::int64_t data_bytes, int nodes, int top_k, std::int64_t row_bytes, bool combine) {
+  return data_bytes / ((1 + nodes) * moe_record_bytes(top_k, row_bytes, combine) +
+                       (combine ? 2 * nodes * moe_partial_bytes(row_bytes) : 0));
+}
 
 // Slots are assigned by (expert, source PE, token): PE s's pair to expert e lands at
 // sum of lower PEs' counts for e + its position. Rows move with 16-byte stores into the owners'

@@ -4,7 +4,9 @@ The host computes, with torch ops on the GPU (no host sync), this rank's pairs p
 pair's position among its own pairs to that expert; the kernels exchange the counts, place every row
 at its slot on the owner, and later pull the expert outputs back: by loads and stores, or on the
 remote path (runtime.transport() == "rma") by NVSHMEM puts and gets from symmetric buffers, x staged
-in the workspace's data area unless it is symmetric, and combine's rows fetched there.
+in the workspace's data area unless it is symmetric, and combine's rows fetched there. Where the ranks
+sit on several nodes of several ranks each, the remote path is hierarchical: a token crosses the
+network once per node holding one of its experts, and load/store moves it inside the node.
 """
 
 from __future__ import annotations
@@ -42,6 +44,37 @@ def _data_area(op: str, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tenso
     return ws[start:start + nbytes]
 
 
+def hierarchy() -> tuple[int, int] | None:
+    """(nodes, ranks per node) where MoE takes the hierarchical remote path: the remote path, ranks on
+    several nodes of several ranks each (runtime.node_layout()), load/store reaching inside each node."""
+    layout = runtime.node_layout()
+    return layout if runtime.transport() == "rma" and layout and runtime.node_reachable() else None
+
+
+def node_positions(pair_nodes: torch.Tensor, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the node of each (token, expert) pair ([T, k]): each token's index among the tokens with an
+    expert on node n, -1 where none is (int32 [T, nodes]), and their number per node (int32 [nodes])."""
+    touched = torch.zeros((pair_nodes.shape[0], nodes), dtype=torch.int32, device=pair_nodes.device)
+    touched.scatter_(1, pair_nodes, 1)
+    return torch.where(touched.bool(), touched.cumsum(0) - 1, -1).int(), touched.sum(0, dtype=torch.int32)
+
+
+def _hierarchical(op: str, ext, owners: torch.Tensor, row_bytes: int, layout) -> tuple:
+    """The kernels' trailing arguments (per_node, node_pos, node_tokens, data_bytes) for pairs owned by
+    `owners` ([T, k]): zeros on the flat paths; on the hierarchical one, once this rank's records are
+    known to fit the data area. The tensors behind the pointers are returned too: keep them until the
+    launch."""
+    room = remote_room()
+    if layout is None:
+        return (0, 0, 0, room), ()
+    (tokens, top_k), (nodes, per_node) = owners.shape, layout
+    if tokens > (held := ext.moe_slots(room, nodes, top_k, row_bytes, op == "moe_combine")):
+        raise ValueError(f"{op}: on the hierarchical remote path the workspace's data area ({room} bytes) holds "
+                         f"{held} tokens per rank at this size, got {tokens}: raise SYMCOMM_WORKSPACE_BYTES")
+    pos, counts = node_positions(owners // per_node, nodes)
+    return (per_node, pos.data_ptr(), counts.data_ptr(), room), (pos, counts)
+
+
 def _grid_bytes(capacity: int, row_bytes: int, rows_per_token: int) -> int:
     # From the per-rank share of the capacity, not from this rank's T: every rank gets the same grid.
     return capacity // runtime.world_size() * rows_per_token * row_bytes
@@ -68,16 +101,19 @@ def dispatch(x, topk_ids, num_experts, expert_x, expert_counts):
     counts, positions = pair_positions(ids, num_experts)
     routing = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
     x = x.contiguous()
-    if rma and not runtime.is_symmetric(x):  # the puts' source
+    capacity, hidden = expert_x.shape[1], expert_x.shape[2]
+    layout = hierarchy()
+    tail, keep = _hierarchical("moe_dispatch", ext, ids.view(tokens, top_k) // (num_experts // runtime.world_size()),
+                               hidden * x.element_size(), layout)
+    if rma and layout is None and not runtime.is_symmetric(x):  # the puts' source
         x = _data_area("moe_dispatch", ws, x.numel() * x.element_size(), "x").view(x.dtype).view(x.shape).copy_(x)
     elif x.data_ptr() % 16:  # the kernel moves rows with 16-byte loads
         x = x.clone()
-    capacity, hidden = expert_x.shape[1], expert_x.shape[2]
     ext.moe_dispatch(ws.data_ptr(), x.data_ptr(), ids.data_ptr(), positions.data_ptr(), counts.data_ptr(),
                      expert_x.data_ptr(), expert_counts.data_ptr(), routing.data_ptr(), tokens, top_k, num_experts,
                      capacity, hidden,
                      DTYPE_CODES[x.dtype], _grid_bytes(capacity, hidden * x.element_size(), top_k), stream.cuda_stream,
-                     rma)
+                     rma, *tail)
     streams.launched(stream)
     return routing
 
@@ -88,12 +124,15 @@ def combine(expert_y, topk_weights, routing):
     ext, ws, stream, rma = _context("moe_combine", expert_y, "expert_y")
     tokens, top_k = routing.shape
     local, capacity, hidden = expert_y.shape
-    if rma:  # where the kernel fetches the k rows of every token
+    layout = hierarchy()
+    tail, keep = _hierarchical("moe_combine", ext, routing // (local * capacity), hidden * expert_y.element_size(),
+                               layout)
+    if rma and layout is None:  # where the kernel fetches the k rows of every token
         _data_area("moe_combine", ws, tokens * top_k * hidden * expert_y.element_size(), "tokens x top_k rows")
     y = torch.empty((tokens, hidden), dtype=expert_y.dtype, device=expert_y.device)
     routing, weights = routing.contiguous(), topk_weights.contiguous()
     ext.moe_combine(ws.data_ptr(), expert_y.data_ptr(), routing.data_ptr(), weights.data_ptr(), y.data_ptr(), tokens,
                     top_k, local * runtime.world_size(), capacity, hidden, DTYPE_CODES[expert_y.dtype],
-                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream, rma)
+                    _grid_bytes(capacity, hidden * expert_y.element_size(), 1), stream.cuda_stream, rma, *tail)
     streams.launched(stream)
     return y

@@ -78,6 +78,7 @@ class _State:
     # collectives reach their peers: "p2p" (load/store) or "rma" (NVSHMEM puts and signals).
     all_reachable: bool = True
     node_layout: tuple[int, int] | None = None
+    node_reachable: bool = True
     transport: str = "p2p"
 
 
@@ -299,6 +300,8 @@ def _learn_topology(state: _State, ext) -> None:
     if 1 < per_node < state.world_size and node == [r // per_node for r in range(state.world_size)]:
         state.node_layout = (len(unique), per_node)
     state.all_reachable = all(map(all, rows))
+    state.node_reachable = all(rows[r][q] for r in range(state.world_size) for q in range(state.world_size)
+                               if node[r] == node[q])
     # The load/store kernels read at most max_peers PEs directly; a larger job takes the remote path.
     state.transport = "rma" if forced == "rma" or not state.all_reachable or state.world_size > ext.max_peers else "p2p"
     for k, name in enumerate(unique if state.rank == 0 else ()):
@@ -594,6 +597,12 @@ def node_layout() -> tuple[int, int] | None:
     """(nodes, ranks per node) where the ranks sit on several nodes, the same number on each and in rank
     order (as torchrun places them), several per node; else None (nvshmem backend; None on torch)."""
     return _get().node_layout
+
+
+def node_reachable() -> bool:
+    """Whether load/store reaches, from every PE, every PE of its own node (what the hierarchical MoE
+    kernels need inside a node)."""
+    return _get().node_reachable
 
 
 def all_reachable() -> bool:
