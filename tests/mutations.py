@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import emu_harness
-from run import EMULATED_RUNS
+from run import EMULATED_RUNS, EMULATED_WORKSPACE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,7 +249,7 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
         env["PYTHONPATH"] = str(copy)
     if variant and variant[0].startswith("emulated"):
         module = emu_harness.builder(copy if path.startswith("csrc/") else ROOT / "csrc").build("plain")
-        env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem", SYMCOMM_WORKSPACE_BYTES=str(1 << 20),
+        env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem", SYMCOMM_WORKSPACE_BYTES=str(EMULATED_WORKSPACE_BYTES),
                    CUDA_VISIBLE_DEVICES="", SYMCOMM_TIMEOUT_S="20")
         _, world, _, run_env = next(r for r in EMULATED_RUNS if r[0] == variant[0].removeprefix("emulated"))
         env.update(run_env)
