@@ -35,7 +35,9 @@ def test_rows_are_timed_checked_and_written(world, tmp_path, monkeypatch, capsys
         assert [(xs, ys) for _, xs, ys in lines] == expected
     assert [(r["config"], r["tokens"]) for r in rows] == [("tiny", 1), ("tiny", 5), ("tiny-top1", 1), ("tiny-top1", 5)]
     assert all(r["correct"] for r in rows)
-    assert {r["path"] for r in rows} == {symcomm.transport() or "torch.distributed"}
+    # Hierarchical where the remote path spans nodes whose ranks load/store reaches.
+    hierarchical = symcomm.transport() == "rma" and runtime.node_layout() and runtime.node_reachable()
+    assert {r["path"] for r in rows} == {(symcomm.transport() or "torch.distributed") + "/hierarchical" * bool(hierarchical)}
     assert all(r["dispatch_us"] > 0 and r["base_combine_us"] > 0 and r["capacity"] >= 1 for r in rows)
     # Logical bandwidth: tokens x top-k x hidden x itemsize per rank.
     logical = 5 * 2 * 16 * getattr(torch, rows[1]["dtype"]).itemsize
@@ -46,11 +48,12 @@ def test_rows_are_timed_checked_and_written(world, tmp_path, monkeypatch, capsys
 
 
 def test_remote_path_leaves_out_what_its_data_area_cannot_fetch_and_says_so(world, monkeypatch):
-    """On the remote path, token counts whose combine rows (tokens x top-k x hidden) exceed the
+    """On the flat remote path, token counts whose combine rows (tokens x top-k x hidden) exceed the
     workspace's data area are left out of the run, named in the header, not failed."""
     monkeypatch.setattr(runtime, "transport", lambda: "rma")
+    monkeypatch.setattr(moe.moe, "hierarchy", lambda: None)
     monkeypatch.setattr(moe.moe, "remote_room", lambda: 1 * 2 * 16 * 2)  # tiny at 1 token, not at 5
     header = {}
     rows = moe.run(TINY[:1], (1, 5), torch.bfloat16, 1, 2, header)
     assert [r.tokens for r in rows] == [1] and all(r.correct and r.path == "rma" for r in rows)
-    assert header["left_out"].startswith("tiny x 5 tokens: combine's rows exceed the workspace's data area")
+    assert header["left_out"].startswith("tiny x 5 tokens: more tokens than the workspace's data area holds")

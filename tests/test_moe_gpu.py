@@ -174,6 +174,7 @@ def test_remote_path_refuses_more_rows_than_its_data_area_holds(world, sym, op, 
         rows = data_bytes // (hidden * 2) + 1  # one row more than fits
         tokens = rows if op == "moe_dispatch" else -(-rows // k)
         refusal = rf"{op}: on the remote path .* must fit the workspace's data area "
+    assert moe.max_tokens(k, hidden * 2) < tokens  # what the benchmark leaves out, never a refused batch
     expert_buf = sym((1, 8, hidden), torch.bfloat16)
     ids = torch.full((tokens, k), world.rank, dtype=torch.int64, device=world.device)
     with pytest.raises(ValueError, match=refusal + ".*SYMCOMM_WORKSPACE_BYTES"):

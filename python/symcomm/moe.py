@@ -34,6 +34,18 @@ def remote_room() -> int:
     return runtime.workspace().numel() - runtime.load_extension().workspace_data_offset()
 
 
+def max_tokens(top_k: int, row_bytes: int) -> int | None:
+    """The most tokens per rank that dispatch and combine both take on this rank's path, from the
+    workspace's data area; None on the peer-pointer path, which keeps nothing there."""
+    if runtime.transport() != "rma":
+        return None
+    room = remote_room()
+    if layout := hierarchy():
+        ext = runtime.load_extension()
+        return min(ext.moe_slots(room, layout[0], top_k, row_bytes, combine) for combine in (False, True))
+    return room // (top_k * row_bytes)  # combine's fetched rows (dispatch stages fewer)
+
+
 def _data_area(op: str, ws: torch.Tensor, nbytes: int, what: str) -> torch.Tensor:
     """The first `nbytes` of the workspace's data area, its last remote_room() bytes (symmetric: puts and
     gets over a network need symmetric local buffers), where the remote path keeps `what`."""

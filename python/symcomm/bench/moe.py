@@ -122,23 +122,29 @@ def run_one(config: Config, tokens: int, dtype: torch.dtype, warmup: int, iters:
         return None if copy_gbs is None else hbm[op] * ranks_per_gpu / us / 1e3 / copy_gbs
 
     return Row(config.name, experts, k, hidden, tokens, str(dtype).removeprefix("torch."),
-               runtime.transport() or "torch.distributed", capacity,
+               path(), capacity,
                dispatch_us, combine_us, logical / dispatch_us / 1e3, logical / combine_us / 1e3,
                base_dispatch_us, base_combine_us, base_dispatch_us / dispatch_us, base_combine_us / combine_us,
                of_copy("dispatch", dispatch_us), of_copy("combine", combine_us), correct)
 
 
 def fits(config: Config, tokens: int, dtype: torch.dtype) -> bool:
-    """Whether the remote path (if taken) can fetch combine's rows in the workspace's data area."""
-    return runtime.transport() != "rma" or tokens * config.top_k * config.hidden * dtype.itemsize <= moe.remote_room()
+    """Whether the remote path (if taken) holds the batch in the workspace's data area."""
+    most = moe.max_tokens(config.top_k, config.hidden * dtype.itemsize)
+    return most is None or tokens <= most
+
+
+def path() -> str:
+    """How dispatch and combine reach their peers: p2p, rma (flat), rma/hierarchical, or torch.distributed."""
+    return (runtime.transport() or "torch.distributed") + ("/hierarchical" if moe.hierarchy() else "")
 
 
 def run(configs, token_counts, dtype: torch.dtype, warmup: int, iters: int, header: dict) -> list[Row]:
     cases = [(c, t) for c in configs for t in token_counts if fits(c, t, dtype)]
     left_out = [f"{c.name} x {t} tokens" for c in configs for t in token_counts if not fits(c, t, dtype)]
     if left_out:
-        header["left_out"] = (f"{', '.join(left_out)}: combine's rows exceed the workspace's data area on the remote "
-                              "path (raise SYMCOMM_WORKSPACE_BYTES)")
+        header["left_out"] = (f"{', '.join(left_out)}: more tokens than the workspace's data area holds on the "
+                              "remote path (raise SYMCOMM_WORKSPACE_BYTES)")
     rows = []
     with harness.progress("moe", len(cases), enabled=runtime.rank() == 0) as progress:
         for config, tokens in cases:
