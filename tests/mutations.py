@@ -199,6 +199,9 @@ MUTATIONS = {
         "w[here++] = load_cg(reinterpret_cast<const float*>(record + 8 * a.top_k));", "test_emu_moe.py -k hierarchical"),
     "the hierarchical MoE numbers a node's tokens from 1": (
         "python/symcomm/moe.py", "touched.cumsum(0) - 1", "touched.cumsum(0)", "test_moe_gpu.py", "emulated 2 nodes"),
+    "the MoE benchmark's token bound takes dispatch's records for combine's too": (
+        "python/symcomm/moe.py", "for combine in (False, True))", "for combine in (False,))",
+        "test_moe_gpu.py -k data_area", "emulated 2 nodes"),
     "the hierarchical all-gather leaves the blocks in node order": (
         "python/symcomm/collectives.py",
         "out.view(nodes, per_node, n).copy_(gathered.view(per_node, nodes, n).transpose(0, 1))",
@@ -249,8 +252,8 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
         env["PYTHONPATH"] = str(copy)
     if variant and variant[0].startswith("emulated"):
         module = emu_harness.builder(copy if path.startswith("csrc/") else ROOT / "csrc").build("plain")
-        env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem", SYMCOMM_WORKSPACE_BYTES=str(EMULATED_WORKSPACE_BYTES),
-                   CUDA_VISIBLE_DEVICES="", SYMCOMM_TIMEOUT_S="20")
+        env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem",
+                   SYMCOMM_WORKSPACE_BYTES=str(EMULATED_WORKSPACE_BYTES), CUDA_VISIBLE_DEVICES="", SYMCOMM_TIMEOUT_S="20")
         _, world, _, run_env = next(r for r in EMULATED_RUNS if r[0] == variant[0].removeprefix("emulated"))
         env.update(run_env)
         cmd = [*torchrun[:3], f"--nproc-per-node={world}", *torchrun[4:]]
