@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Every GPU result of symcomm, in two prepared calls on the offline, one-GPU machine (docs/gpu-machine.md):
 
-    python3 bench/gpu_run.py --call 1          # build, MPS, the suites at 2 and 4 PEs, benchmarks, traps
+    python3 bench/gpu_run.py --call 1          # build, MPS, the suites at 2 and 4 PEs and on the remote path, benchmarks, traps
     python3 bench/gpu_run.py --call 2          # right after: the steps call 1 could not reach
     python3 bench/gpu_run.py --call 2 --rerun failed --toggle no-mps|eager-loading
     python3 bench/gpu_run.py --plan [--call 2 ...] [--budget S]   # the steps and their seconds, as JSON
@@ -135,6 +135,16 @@ def plan(call: int = 1, rerun: str = "unreached", toggle: str | None = None) -> 
     ]
     four_pe = suite("4pe", "tests/test_nvshmem.py and tests/test_collectives_gpu.py at 4 PEs (one all-reduce size)",
                     ["tests/test_nvshmem.py", "tests/test_collectives_gpu.py"], 4, 25, 75, k=FOUR_PE_SUBSET)
+    # The remote path through NVSHMEM's own transport on one GPU: hierarchical on pretend nodes of 2
+    # (nodes of 2 PEs, load/store still reaching), and flat.
+    rma = {"SYMCOMM_TRANSPORT": "rma"}
+    hierarchical = suite("rma", "tests/test_collectives_gpu.py and tests/test_moe_gpu.py at 4 PEs, SYMCOMM_TRANSPORT=rma "
+                         "and SYMCOMM_PES_PER_NODE=2: the hierarchical remote path (one all-reduce size)",
+                         ["tests/test_collectives_gpu.py", "tests/test_moe_gpu.py"], 4, 25, 90, k=FOUR_PE_SUBSET,
+                         env={**rma, "SYMCOMM_PES_PER_NODE": "2"})
+    flat = suite("rma-flat", "tests/test_collectives_gpu.py, tests/test_moe_gpu.py and tests/test_moe.py at 2 PEs, "
+                 "SYMCOMM_TRANSPORT=rma: the flat remote path", ["tests/test_collectives_gpu.py", "tests/test_moe_gpu.py",
+                                                               "tests/test_moe.py"], 2, 20, 90, env=rma)
     benches = [
         bench("bench-all-reduce", "symcomm.bench all-reduce --algorithms --max-bytes 16M at 2 PEs", "all-reduce",
               ["--algorithms", "--max-bytes", "16M"], 25, 90),
@@ -152,13 +162,13 @@ def plan(call: int = 1, rerun: str = "unreached", toggle: str | None = None) -> 
     if call == 1:
         no_mps = suite("nvshmem-nomps", "tests/test_nvshmem.py at 2 PEs without MPS (limited MPG), NVSHMEM_INFO=1",
                        ["tests/test_nvshmem.py"], 2, 20, 60, env={"NVSHMEM_INFO": "1"})
-        return [*setup, no_mps, *mps, *pairs, four_pe, *benches, *traps]
+        return [*setup, no_mps, *mps, *pairs, four_pe, hierarchical, *benches, *traps]
     if rerun == "failed":
         steps = [*setup, *mps, *pairs]
     else:
         rest = suite("gemm-rest", "the rest of tests/test_gemm_gpu.py at 2 PEs", ["tests/test_gemm_gpu.py"], 2,
                      30, 200, k=f"not ({GEMM_SUBSET})")
-        steps = [*setup, *mps, four_pe, *benches, rest, *traps]
+        steps = [*setup, *mps, flat, *benches, rest, *traps]
     if toggle == "eager-loading":
         # Every kernel loaded at init: no first launch waits for a kernel already running (design.md 5).
         steps = [dataclasses.replace(s, env={**s.env, "CUDA_MODULE_LOADING": "EAGER"}) if "build" in s.needs else s

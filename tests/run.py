@@ -116,9 +116,9 @@ EMULATED_RUNS = [
     (" rma", 2, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py", "test_ops.py", "test_bench.py",
               "test_bench_moe.py"), {"SYMCOMM_TRANSPORT": "rma"}),
     (" 2 nodes", 4, ("test_collectives_gpu.py", "test_moe.py", "test_moe_gpu.py", "test_bench_moe.py"),
-     {"SYMCOMM_EMU_PES_PER_NODE": "2"}),
-    (" 3 nodes", 3, ("test_collectives_gpu.py", "test_moe_gpu.py"), {"SYMCOMM_EMU_PES_PER_NODE": "1"}),
-    (" 2 nodes", 10, ("test_moe_gpu.py",), {"SYMCOMM_EMU_PES_PER_NODE": "5"}),
+     {"SYMCOMM_PES_PER_NODE": "2"}),
+    (" 3 nodes", 3, ("test_collectives_gpu.py", "test_moe_gpu.py"), {"SYMCOMM_PES_PER_NODE": "1"}),
+    (" 2 nodes", 10, ("test_moe_gpu.py",), {"SYMCOMM_PES_PER_NODE": "5"}),
 ]
 EMULATED_WORKSPACE_BYTES = 3 << 19  # small, so that the GPU suites' largest cases chunk at small sizes
 

@@ -110,11 +110,12 @@ def test_symmetric_inputs_of_every_dtype_gather_exactly(world, gen, sym):
 def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kernels_within_a_node(world, gen, sym,
                                                                                                  monkeypatch):
     """Where some rank is out of load/store reach (another node; on the emulated device,
-    SYMCOMM_EMU_PES_PER_NODE), the collectives take the remote path, hierarchically where nodes hold
-    several ranks each; the fused GEMM path refuses with the reason while 'auto' computes
-    unfused, on every rank (MoE's remote path: test_moe_gpu.py in the same runs)."""
-    per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0")) if runtime.emulated() else 0
-    split = 0 < per_node < world.world_size
+    SYMCOMM_PES_PER_NODE), the collectives take the remote path, hierarchically where nodes hold
+    several ranks each (on a GPU, nodes of SYMCOMM_PES_PER_NODE with the remote path forced); the fused
+    GEMM path refuses with the reason while 'auto' computes unfused, on every rank (MoE's remote path:
+    test_moe_gpu.py in the same runs)."""
+    per_node = int(os.environ.get("SYMCOMM_PES_PER_NODE", "0"))
+    split = runtime.emulated() and 0 < per_node < world.world_size
     assert runtime.all_reachable() == (not split)
     forced = os.environ.get("SYMCOMM_TRANSPORT", "auto") == "rma"
     # More ranks than the load/store kernels read take the remote path too.
@@ -134,7 +135,8 @@ def test_topology_picks_the_transport_and_keeps_tensor_and_expert_parallel_kerne
                  dtype=torch.float32)
     assert torch.equal(ops.all_to_all(xs[world.rank]), torch.cat([x.chunk(w)[world.rank] for x in xs]))
     steps = ["_hierarchical_all_reduce", "_hierarchical_all_gather", "_hierarchical_exchange", "_hierarchical_exchange"]
-    assert hierarchical == ([(name, w // per_node, per_node) for name in steps] if split and per_node > 1 else [])
+    nodes = symcomm.transport() == "rma" and 1 < per_node < w and w % per_node == 0
+    assert hierarchical == ([(name, w // per_node, per_node) for name in steps] if nodes else [])
     a, b = (on_gpu(world, seed_of(gen), shape, torch.bfloat16) for shape in ((64, 32), (32, 48)))
     assert_gemm_close(ops.gemm_all_reduce(a[world.rank], b[world.rank]), a, b)
     if not (split or many):

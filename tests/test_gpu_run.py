@@ -62,12 +62,12 @@ def test_call_1_runs_in_the_required_order():
     rc, out, err = plan_json("--call", "1")
     names = [s["name"] for s in json.loads(out)]
     assert names[:8] == ["versions", "wheels", "build", "nvshmem-nomps", "mps", "sanity", "collectives", "moe"]
-    assert {"gemm", "4pe", "single", "bench-all-reduce", "bench-gemm"} <= set(names) and names[-1] == "trap"
+    assert {"gemm", "4pe", "rma", "single", "bench-all-reduce", "bench-gemm"} <= set(names) and names[-1] == "trap"
 
 
 def test_call_2_reruns_what_its_flags_say():
     unreached = [s["name"] for s in json.loads(plan_json("--call", "2")[1])]
-    assert {"4pe", "single", "trap", "bench-all-reduce", "bench-gemm", "gemm-rest"} <= set(unreached)
+    assert {"rma-flat", "single", "trap", "bench-all-reduce", "bench-gemm", "gemm-rest"} <= set(unreached)
     assert "sanity" not in unreached
     failed = json.loads(plan_json(*CALLS["call 2 eager"])[1])
     assert [s["name"] for s in failed][-4:] == ["sanity", "collectives", "moe", "gemm"]
@@ -129,7 +129,8 @@ def pytest_collection_finish(session):
 
 def test_the_plan_names_only_tests_that_exist(tmp_path):
     steps = pytest_steps()
-    assert {"nvshmem-nomps", "sanity", "collectives", "moe", "gemm", "4pe", "single", "trap", "gemm-rest"} <= \
+    assert {"nvshmem-nomps", "sanity", "collectives", "moe", "gemm", "4pe", "rma", "rma-flat", "single", "trap",
+            "gemm-rest"} <= \
         {s.name for s in steps}
     for s in steps:
         paths, _, k = pytest_parts(s)

@@ -34,12 +34,14 @@ def expected_combine(x, ids, weights, rank_scale):
 
 
 def expected_hierarchy(world) -> tuple[int, int] | None:
-    """The (nodes, ranks per node) MoE goes hierarchical on: emulated nodes of several PEs each
-    (SYMCOMM_EMU_PES_PER_NODE); on a GPU, whatever the topology says."""
-    if not runtime.emulated():
+    """The (nodes, ranks per node) MoE goes hierarchical on: on the remote path, nodes of
+    SYMCOMM_PES_PER_NODE ranks each, several per node (emulated, or pretend on a GPU); on a GPU without
+    it, whatever the hosts say."""
+    per_node, w = int(os.environ.get("SYMCOMM_PES_PER_NODE", "0")), world.world_size
+    if not per_node and not runtime.emulated():
         return runtime.node_layout() if runtime.transport() == "rma" and runtime.node_reachable() else None
-    per_node = int(os.environ.get("SYMCOMM_EMU_PES_PER_NODE", "0"))
-    return (world.world_size // per_node, per_node) if 1 < per_node < world.world_size else None
+    nodes = runtime.transport() == "rma" and 1 < per_node < w and w % per_node == 0
+    return (w // per_node, per_node) if nodes else None
 
 
 @pytest.mark.dist

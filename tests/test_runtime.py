@@ -86,6 +86,17 @@ def test_the_emulated_device_is_chosen_by_its_variable_only(fresh, monkeypatch, 
         runtime.emulated.cache_clear()
 
 
+@pytest.mark.parametrize("value, expected", [("0", None), ("2", 2), ("-1", "expected ranks per node"),
+                                             ("two", "is not an integer")])
+def test_pretend_nodes_take_ranks_per_node_or_say_what_is_wrong(monkeypatch, value, expected):
+    monkeypatch.setenv(runtime.PES_PER_NODE_ENV, value)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=f"SYMCOMM_PES_PER_NODE.*{expected}"):
+            runtime._pes_per_node()
+    else:
+        assert runtime._pes_per_node() == expected
+
+
 @pytest.mark.parametrize(
     "shape, error, match",
     [((-1, 2), ValueError, r"shape\[0\] must be >= 0"), ((2, 1.5), TypeError, r"shape\[1\] must be an int"),

@@ -40,7 +40,11 @@ DEFAULT_EMU_HEAP_BYTES = 1 << 30
 EMULATED_SMS = 8  # blocks the emulated device runs at once per PE (each an OS thread)
 TRANSPORT_ENV = "SYMCOMM_TRANSPORT"
 TRANSPORTS = ("auto", "rma")
-EMU_PES_PER_NODE_ENV = "SYMCOMM_EMU_PES_PER_NODE"  # the emulated device's nodes (0 or unset: one node)
+# A test switch: the ranks sit on nodes of this many, in rank order, in place of their hosts (0 or unset:
+# the hosts say). On the emulated device load/store does not reach across these nodes; on a GPU it
+# still does and only the layout changes, so that with SYMCOMM_TRANSPORT=rma one GPU runs the
+# hierarchical kernels.
+PES_PER_NODE_ENV = "SYMCOMM_PES_PER_NODE"
 _ALIGN = 256  # of symmetric allocations on the emulated heap, as NVSHMEM's
 
 
@@ -246,7 +250,7 @@ def _start_emulated_host(state: _State, workspace_bytes: int) -> None:
     box = [f"{os.getpid()}-{time.monotonic_ns()}"]
     dist.broadcast_object_list(box, src=0)
     emu = load_extension().emu
-    emu.configure(pes_per_node=_env_int(EMU_PES_PER_NODE_ENV) or 0)
+    emu.configure(pes_per_node=_pes_per_node() or 0)
     emu.start_process(state.rank, state.world_size, heap_bytes, box[0], state.timeout_s)
     state.nvshmem_up = True
     state.heap = (emu.heap(state.rank), heap_bytes)
@@ -274,11 +278,19 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     ext.set_max_blocks(min(state.sms, ext.max_blocks))
 
 
+def _pes_per_node() -> int | None:
+    per_node = _env_int(PES_PER_NODE_ENV)
+    if per_node is not None and per_node < 0:
+        raise ValueError(f"{PES_PER_NODE_ENV}={per_node}; expected ranks per node (0: the hosts say)")
+    return per_node or None
+
+
 def _node_names(state: _State) -> list[str]:
-    """Each rank's node: its host, or on the emulated device the node SYMCOMM_EMU_PES_PER_NODE puts it on."""
-    if emulated():
-        per_node = _env_int(EMU_PES_PER_NODE_ENV) or state.world_size
-        return [f"emulated node {r // per_node}" for r in range(state.world_size)]
+    """Each rank's node: its host, or the node SYMCOMM_PES_PER_NODE puts it on (the emulated device is
+    one node unless it says otherwise)."""
+    if (per_node := _pes_per_node()) or emulated():
+        per_node = per_node or state.world_size
+        return [f"{'emulated ' if emulated() else 'pretend '}node {r // per_node}" for r in range(state.world_size)]
     names: list[str | None] = [None] * state.world_size
     dist.all_gather_object(names, socket.gethostname())
     return names
