@@ -85,7 +85,8 @@ class Kernels:
         write(address, data)
 
     def moe_dispatch(self, workspace, x, topk_ids, positions, counts, expert_x, expert_counts, routing, tokens, top_k,
-                     num_experts, capacity, hidden, dtype, grid_bytes, stream, rma):
+                     num_experts, capacity, hidden, dtype, grid_bytes, stream, rma, *hierarchy):
+        assert hierarchy == (0, 0, 0, 0), "the stand-in is one node: the flat path's arguments"
         pairs = tokens * top_k
         with together(("moe_dispatch", top_k, num_experts, capacity, hidden, dtype, grid_bytes, rma)):
             row_bytes = check_launch("moe_dispatch", workspace, (x, expert_x), tokens, top_k, num_experts, capacity,
@@ -117,7 +118,8 @@ class Kernels:
             self._write("expert_x", expert_x + at * row_bytes, row)
 
     def moe_combine(self, workspace, expert_y, routing, weights, y, tokens, top_k, num_experts, capacity, hidden,
-                    dtype, grid_bytes, stream, rma):
+                    dtype, grid_bytes, stream, rma, *hierarchy):
+        assert hierarchy == (0, 0, 0, 0), "the stand-in is one node: the flat path's arguments"
         world = dist.get_world_size()
         per_owner = num_experts // world * capacity
         with together(("moe_combine", top_k, num_experts, capacity, hidden, dtype, grid_bytes, rma)):

@@ -76,9 +76,9 @@ def _hierarchical(op: str, ext, owners: torch.Tensor, row_bytes: int, layout) ->
     `owners` ([T, k]): zeros on the flat paths; on the hierarchical one, once this rank's records are
     known to fit the data area. The tensors behind the pointers are returned too: keep them until the
     launch."""
-    room = remote_room()
     if layout is None:
-        return (0, 0, 0, room), ()
+        return (0, 0, 0, 0), ()
+    room = remote_room()
     (tokens, top_k), (nodes, per_node) = owners.shape, layout
     if tokens > (held := ext.moe_slots(room, nodes, top_k, row_bytes, op == "moe_combine")):
         raise ValueError(f"{op}: on the hierarchical remote path the workspace's data area ({room} bytes) holds "
