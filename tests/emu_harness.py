@@ -23,6 +23,12 @@ TSAN = VARIANT == "tsan"
 # Device waits time out this fast, so a test of a missing peer takes seconds.
 TIMEOUT_S = 3.0 if not TSAN else 20.0
 
+# The most PEs a job may have (csrc/core/limits.h: 16 nodes of 8), written out rather than read from the
+# module, so that a smaller limit, or flags and counts that stop short of it, fail the suites.
+MOST_PES = 128
+# Why the suites under ThreadSanitizer leave out the runs at MOST_PES (the plain build runs them).
+MOST_PES_UNDER_TSAN = f"{MOST_PES} PEs under ThreadSanitizer outlast the device waits on 2 cores"
+
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 

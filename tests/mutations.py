@@ -210,6 +210,12 @@ MUTATIONS = {
     "the hierarchical reduce-scatter and all-to-all send a place's rows to the wrong ranks": (
         "python/symcomm/collectives.py", "by_place = rows.view(nodes, per_node, c).transpose(0, 1)",
         "by_place = rows.view(nodes, per_node, c)", "test_collectives_gpu.py -k reduce_scatter", "emulated 2 nodes"),
+    "the PE limit back at 64": (
+        "csrc/core/limits.h", "constexpr int kMaxPes = 128;", "constexpr int kMaxPes = 64;",
+        "test_emu_collectives.py -k pe_limit"),
+    "MoE counts sized for the PEs a load/store kernel reads, not for every PE": (
+        "csrc/core/workspace.cuh", "kMoeCountsBytes = sizeof(int) * kMaxPes * kMaxExperts",
+        "kMoeCountsBytes = sizeof(int) * kMaxPeers * kMaxExperts", "test_emu_moe.py -k pe_limit"),
 }
 
 

@@ -166,6 +166,24 @@ def test_remote_path_beyond_what_load_store_kernels_read(kernel, vec16, npes, pe
              threads=8)
 
 
+@pytest.mark.skipif(H.TSAN, reason=H.MOST_PES_UNDER_TSAN)
+@pytest.mark.parametrize("pes_per_node", [8, 1])
+@pytest.mark.parametrize("kernel,vec16", PUSHES, ids=PUSH_IDS)
+def test_remote_path_at_the_pe_limit(kernel, vec16, pes_per_node):
+    """128 PEs, one block each: every PE's barrier flag has a slot of its own on every peer, and the
+    barriers take turns over a team four times the block's threads."""
+    run_push(kernel, vec16, H.MOST_PES, pes_per_node, "float32", "tail", blocks=1, threads=32)
+
+
+@pytest.mark.parametrize("kernel", ["push_reduce", "push_gather"])
+def test_remote_path_refuses_more_pes_than_the_limit(kernel):
+    with H.world(H.MOST_PES + 1, pes_per_node=1, blocks=1) as w:
+        dst, _ = output(w, (H.MOST_PES + 1) * 16, "float32")
+        src = (w.base(0) + w.alloc(16), 0)
+        with pytest.raises(RuntimeError, match=f"at most {H.MOST_PES} PEs are supported, got {H.MOST_PES + 1}"):
+            call(w, kernel, 0, src, 0, 16, dst, 16 if kernel == "push_gather" else 0, "float32", True, inbox_area(w))
+
+
 def run_push(kernel, vec16, npes, pes_per_node, dtype, size, **world):
     rng = np.random.default_rng([npes, pes_per_node, DTYPES.index(dtype), len(size), bool(vec16), len(kernel)])
     width = lengths(dtype)[size]

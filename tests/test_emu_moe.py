@@ -228,6 +228,28 @@ def test_hierarchical(nodes, case, dtype):
         run_layer(m, H.exact_values(rng, m.experts, span=3))
 
 
+@pytest.mark.skipif(H.TSAN, reason=H.MOST_PES_UNDER_TSAN)
+@pytest.mark.parametrize("nodes", [(16, 8), (H.MOST_PES, 1)], ids=lambda n: f"{n[0]}x{n[1]}")
+def test_at_the_pe_limit(nodes):
+    """128 PEs, one block each: every sender's counts per expert and tokens per node, and its barrier
+    flags, have places of their own on every PE."""
+    nodes, per_node = nodes
+    npes = nodes * per_node
+    rng = np.random.default_rng([nodes, per_node])
+    path = {"per_node": per_node} if per_node > 1 else {"rma": True}
+    with H.world(npes, pes_per_node=per_node, blocks=1, threads=32) as w:
+        m = Moe(w, rng, [int(t) for t in rng.integers(0, 4, npes)], 2, 1, hidden=8, dtype="bfloat16", **path)
+        run_layer(m, H.exact_values(rng, m.experts, span=3))
+
+
+def test_more_pes_than_the_limit_are_refused():
+    rng = np.random.default_rng(6)
+    with H.world(H.MOST_PES + 1, pes_per_node=1, blocks=1) as w:
+        m = Moe(w, rng, [1] * w.npes, 1, 1, hidden=8, dtype="float16", rma=True)
+        with pytest.raises(RuntimeError, match=f"at most {H.MOST_PES} PEs are supported"):
+            m.dispatch(0)
+
+
 def test_hierarchical_data_area_bound():
     """More tokens than the data area's records hold: refused before any kernel runs."""
     rng = np.random.default_rng(8)
