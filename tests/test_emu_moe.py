@@ -250,6 +250,20 @@ def test_more_pes_than_the_limit_are_refused():
             m.dispatch(0)
 
 
+def test_warp_wide_work_in_partial_warps_fails_naming_it():
+    """A threads cap below a warp (emu.configure) would leave lanes of a warp-wide put out, and the
+    kernels that count their warps would find none: the emulation fails instead of copying part of a
+    row or spinning."""
+    rng = np.random.default_rng(7)
+    with H.world(4, pes_per_node=2, threads=8, timeout_s=1.0) as w:
+        m = Moe(w, rng, [2, 1, 3, 1], 1, 1, hidden=8, dtype="float16", per_node=2)
+        for pe in range(4):
+            m.dispatch(pe)
+        errors = w.synchronize()
+        assert any("__syncwarp in a block of 8 threads: warp-wide calls need whole warps" in e
+                   for e in errors.values()), errors
+
+
 def test_hierarchical_data_area_bound():
     """More tokens than the data area's records hold: refused before any kernel runs."""
     rng = np.random.default_rng(8)

@@ -413,6 +413,15 @@ void run_grid(Launch* l) {
   trap();
 }
 
+// A warp-wide call in a block of partial warps (Settings::threads below 32) would leave lanes out,
+// and a kernel that counts its warps would find none and never advance: fail instead.
+void check_whole_warps(const char* what) {
+  const unsigned threads = t_block->launch->block.x;
+  if (threads % 32 != 0)
+    device_fail(std::string(what) + " in a block of " + std::to_string(threads) +
+                " threads: warp-wide calls need whole warps (emu.configure's threads cap is below 32?)");
+}
+
 }  // namespace
 
 // ---- what device.h declares ----
@@ -437,6 +446,7 @@ void sync_block() {
 void sync_warp() {
   Block* b = t_block;
   check_trapped();
+  check_whole_warps("__syncwarp");
   if (release_warp(b, b->current, true)) return;
   b->current->state = State::kWarpBarrier;
   to_scheduler();
@@ -886,12 +896,14 @@ void nvshmemx_putmem_block(void* dest, const void* source, std::size_t bytes, in
 }
 
 void nvshmemx_putmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
+  symcomm::emu::check_whole_warps("nvshmemx_putmem_nbi_warp");
   symmetric_address(source, nvshmem_my_pe(), "nvshmemx_putmem_nbi_warp (source)");
   copy_share(static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_nbi_warp")),
              static_cast<const char*>(source), bytes, threadIdx.x % 32, 32);
 }
 
 void nvshmemx_getmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
+  symcomm::emu::check_whole_warps("nvshmemx_getmem_nbi_warp");
   symmetric_address(dest, nvshmem_my_pe(), "nvshmemx_getmem_nbi_warp (destination)");
   copy_share(static_cast<char*>(dest), static_cast<const char*>(symmetric_address(source, pe, "nvshmemx_getmem_nbi_warp")),
              bytes, threadIdx.x % 32, 32);

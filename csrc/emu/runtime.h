@@ -11,7 +11,9 @@ namespace symcomm::emu {
 enum class GemmOrder : int { kRaster = 0, kShuffled = 1, kReversed = 2 };
 
 struct Settings {
-  int threads = 0;               // cap on threads per block (0: as launched); kernels size loops by blockDim
+  // Cap on threads per block (0: as launched); kernels size loops by blockDim. Below 32 it splits
+  // warps: only for kernels with no warp-wide work (warp-wide calls fail).
+  int threads = 0;
   std::uint64_t chaos_seed = 0;  // seeds the chaos switches and the shuffled tile order
   double chaos_rate = 0;         // probability that a data load switches threads (0: never)
   GemmOrder gemm_order = GemmOrder::kShuffled;  // the order in which the emulated GEMM computes tiles
