@@ -210,6 +210,9 @@ MUTATIONS = {
     "the hierarchical reduce-scatter and all-to-all send a place's rows to the wrong ranks": (
         "python/symcomm/collectives.py", "by_place = rows.view(nodes, per_node, c).transpose(0, 1)",
         "by_place = rows.view(nodes, per_node, c)", "test_collectives_gpu.py -k reduce_scatter", "emulated 2 nodes"),
+    "debug mode leaves out where the remote path's expert buffers are": (
+        "python/symcomm/moe.py", 'if runtime.backend() != "nvshmem" or runtime.transport() != "rma":', "if True:",
+        "test_moe_gpu.py -k debug_mode", "emulated rma"),
     "the PE limit back at 64": (
         "csrc/core/limits.h", "constexpr int kMaxPes = 128;", "constexpr int kMaxPes = 64;",
         "test_emu_collectives.py -k pe_limit"),

@@ -186,3 +186,38 @@ def test_remote_path_refuses_more_rows_than_its_data_area_holds(world, sym, op, 
         else:
             weights = torch.rand(tokens, k, device=world.device)
             ops.moe_combine(expert_buf, weights, ids * 8)
+
+
+@pytest.mark.dist
+def test_debug_mode_checks_that_remote_path_buffers_agree(world, gen, sym, monkeypatch):
+    """On the remote path a rank's rows land at its own offset of expert_x on the owner (and combine
+    fetches from its own offset of expert_y), so a buffer at another place on some rank would be
+    written or read wrongly: SYMCOMM_DEBUG=1 refuses it, on every rank, naming the buffer. The other
+    paths learn each rank's buffer, and take it."""
+    if world.world_size == 1:
+        pytest.skip("a world of one cannot disagree with itself")
+    monkeypatch.setenv("SYMCOMM_DEBUG", "1")
+    experts, k, hidden, tokens = 2 * world.world_size, 2, 64, 5
+    local, capacity = 2, tokens * k * world.world_size
+    # Two halves of one allocation; odd ranks take the second, so the ranks' buffers are apart.
+    halves_x = sym((2, local, capacity, hidden), torch.bfloat16)
+    halves_y = sym((2, local, capacity, hidden), torch.bfloat16)
+    expert_x, expert_y = halves_x[world.rank % 2], halves_y[world.rank % 2]
+    expert_counts = sym((local,), torch.int32)
+    xs, ids = routed(world, gen, tokens, experts, k, hidden)
+    weights = torch.rand(tokens, k, generator=gen).to(world.device)
+    if runtime.transport() == "rma":
+        with pytest.raises(ValueError, match=r"moe_dispatch: ranks called with different arguments.*expert_x at "
+                                             r"workspace \+ \d+ bytes"):
+            ops.moe_dispatch(xs[world.rank], ids[world.rank], experts, expert_x, expert_counts)
+        routing = (ids[world.rank] * capacity).to(torch.int64)  # slots of expert_y, so only its place differs
+        with pytest.raises(ValueError, match=r"moe_combine: ranks called with different arguments.*expert_y at "
+                                             r"workspace \+ \d+ bytes"):
+            ops.moe_combine(expert_y, weights, routing)
+        return
+    routing = ops.moe_dispatch(xs[world.rank], ids[world.rank], experts, expert_x, expert_counts)
+    expert_y.copy_(expert_x)
+    y = ops.moe_combine(expert_y, weights, routing)
+    ref = expected_combine(xs[world.rank].cpu(), ids[world.rank].cpu(), weights.cpu(),
+                           torch.ones(experts))
+    torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().amax()))

@@ -28,6 +28,16 @@ def _context(op: str, expert_buf: torch.Tensor, name: str):
     return runtime.load_extension(), runtime.workspace(), streams.current(), runtime.transport() == "rma"
 
 
+def remote_offsets(**buffers: torch.Tensor) -> tuple[str, ...]:
+    """Where each buffer sits on the symmetric heap (from the workspace) on the remote path, where a
+    rank's rows land at its own offset of the buffer on the owner, so every rank's must agree
+    (SYMCOMM_DEBUG=1 compares them); () on the other paths, where each rank learns the others'."""
+    if runtime.backend() != "nvshmem" or runtime.transport() != "rma":
+        return ()
+    base = runtime.workspace().data_ptr()
+    return tuple(f"{name} at workspace + {t.data_ptr() - base} bytes" for name, t in buffers.items())
+
+
 def remote_room() -> int:
     """Bytes of the workspace's data area: the most the remote path stages (dispatch's x) or fetches
     (combine's tokens x top_k rows) per call."""

@@ -202,7 +202,8 @@ def moe_dispatch_values(x, topk_ids, num_experts, expert_x, expert_counts) -> No
 
 def moe_dispatch_signature(x, topk_ids, num_experts, expert_x, expert_counts) -> tuple:
     # Ranks may have different numbers of tokens; everything else must agree.
-    return x.shape[1], str(x.dtype), topk_ids.shape[1], num_experts, tuple(expert_x.shape), str(expert_x.dtype)
+    return (x.shape[1], str(x.dtype), topk_ids.shape[1], num_experts, tuple(expert_x.shape), str(expert_x.dtype),
+            *moe.remote_offsets(expert_x=expert_x))
 
 
 def moe_combine_shape(expert_y, topk_weights, routing) -> tuple[int, ...]:
@@ -228,7 +229,7 @@ def moe_combine_values(expert_y, topk_weights, routing) -> None:
 
 
 def moe_combine_signature(expert_y, topk_weights, routing) -> tuple:
-    return tuple(expert_y.shape), str(expert_y.dtype), topk_weights.shape[1]
+    return tuple(expert_y.shape), str(expert_y.dtype), topk_weights.shape[1], *moe.remote_offsets(expert_y=expert_y)
 
 
 # ---------------------------------------------------------------------------------------------
