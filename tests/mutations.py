@@ -213,6 +213,10 @@ MUTATIONS = {
     "debug mode leaves out where the remote path's expert buffers are": (
         "python/symcomm/moe.py", 'if runtime.backend() != "nvshmem" or runtime.transport() != "rma":', "if True:",
         "test_moe_gpu.py -k debug_mode", "emulated rma"),
+    "the router's gradient pairs each token's expert rows in reverse order": (
+        "python/symcomm/nn/moe.py", "grad_w = (fetched.view(*routing.shape, g.shape[1]) * g.unsqueeze(1)).sum(-1)",
+        "grad_w = (fetched.view(*routing.shape, g.shape[1]).flip(1) * g.unsqueeze(1)).sum(-1)",
+        "test_moe.py -k layer_matches_dense"),
     "the PE limit back at 64": (
         "csrc/core/limits.h", "constexpr int kMaxPes = 128;", "constexpr int kMaxPes = 64;",
         "test_emu_collectives.py -k pe_limit"),

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
-from harness import assert_close
+from harness import LAYER_TOLERANCE, assert_close
 from symcomm import runtime
 from symcomm.nn import ExpertParallelMoE, dense_moe
 
@@ -315,6 +316,28 @@ def unambiguous_tokens(gen, count, router_weight, dtype):
         x[near] = torch.randn(int(near.sum()), H, generator=gen, dtype=F64).to(dtype).double()
 
 
+def router_grad_terms(x, full, grads, renormalize):
+    """The size of the terms the router's gradient (float64 [E, H]) adds up: over tokens t, |x_t| times
+    |J_t|^T applied to <|g_t|, |expert_e(x_t)|> for each of its experts e, where J_t is the Jacobian of
+    t's top-k weights in its logits. With few tokens and a peaked softmax the gradient is a small
+    difference of such terms, so the rounding of the expert outputs bounds its error relative to them,
+    not to itself."""
+    router, w_gate, w_up, w_down = full
+    terms = torch.zeros_like(router)
+    for t in range(x.shape[0]):
+        logits = x[t] @ router.t()
+        ids = torch.softmax(logits, -1).topk(K).indices
+
+        def top_weights(z):
+            w = torch.softmax(z, -1)[ids]
+            return w / w.sum() if renormalize else w
+
+        jacobian = torch.autograd.functional.jacobian(top_weights, logits)  # [K, E]
+        outs = torch.stack([(F.silu(w_gate[e] @ x[t]) * (w_up[e] @ x[t])) @ w_down[e].t() for e in ids.tolist()])
+        terms += torch.outer(jacobian.abs().t() @ (outs.abs() @ grads[t].abs()), x[t].abs())
+    return terms
+
+
 @pytest.mark.parametrize("tokens", ("r+3", "0 or 1"))
 @pytest.mark.parametrize("renormalize", (True, False))
 def test_layer_matches_dense_forward_and_backward(world, gen, dtype, renormalize, tokens):
@@ -350,7 +373,9 @@ def test_layer_matches_dense_forward_and_backward(world, gen, dtype, renormalize
     mine = slice(sum(counts[:me]), sum(counts[:me + 1]))
     assert_close(y.detach(), ref_y[mine].detach())
     assert_close(x.grad, ref_x.grad[mine])
-    assert_close(router_grad, ref_weights[0].grad, dtype=dtype)
+    err = float((router_grad - ref_weights[0].grad).norm() / router_grad_terms(ref_x.detach(), full,
+                                                                                torch.cat(grads), renormalize).norm())
+    assert err <= LAYER_TOLERANCE[dtype], f"router gradient: error {err:.3g} of its terms' size > {LAYER_TOLERANCE[dtype]:.1g}"
     local = E // n
     for w, ref in zip((layer.w_gate, layer.w_up, layer.w_down), ref_weights[1:]):
         assert_close(w.grad, ref.grad[me * local:(me + 1) * local])
