@@ -229,11 +229,10 @@ def test_hierarchical(nodes, case, dtype):
 
 
 @pytest.mark.skipif(H.TSAN, reason=H.MOST_PES_UNDER_TSAN)
-@pytest.mark.parametrize("nodes", [(16, 8), (H.MOST_PES, 1)], ids=lambda n: f"{n[0]}x{n[1]}")
-def test_at_the_pe_limit(nodes):
+@pytest.mark.parametrize("nodes,per_node", [(16, 8), (H.MOST_PES, 1)], ids=["16x8", f"{H.MOST_PES}x1"])
+def test_at_the_pe_limit(nodes, per_node):
     """128 PEs, one block each: every sender's counts per expert and tokens per node, and its barrier
     flags, have places of their own on every PE."""
-    nodes, per_node = nodes
     npes = nodes * per_node
     rng = np.random.default_rng([nodes, per_node])
     path = {"per_node": per_node} if per_node > 1 else {"rma": True}

@@ -198,7 +198,7 @@ def test_debug_mode_checks_that_remote_path_buffers_agree(world, gen, sym, monke
         pytest.skip("a world of one cannot disagree with itself")
     monkeypatch.setenv("SYMCOMM_DEBUG", "1")
     experts, k, hidden, tokens = 2 * world.world_size, 2, 64, 5
-    local, capacity = 2, tokens * k * world.world_size
+    local, capacity = experts // world.world_size, tokens * k * world.world_size
     # Two halves of one allocation; odd ranks take the second, so the ranks' buffers are apart.
     halves_x = sym((2, local, capacity, hidden), torch.bfloat16)
     halves_y = sym((2, local, capacity, hidden), torch.bfloat16)
@@ -218,6 +218,5 @@ def test_debug_mode_checks_that_remote_path_buffers_agree(world, gen, sym, monke
     routing = ops.moe_dispatch(xs[world.rank], ids[world.rank], experts, expert_x, expert_counts)
     expert_y.copy_(expert_x)
     y = ops.moe_combine(expert_y, weights, routing)
-    ref = expected_combine(xs[world.rank].cpu(), ids[world.rank].cpu(), weights.cpu(),
-                           torch.ones(experts))
+    ref = expected_combine(xs[world.rank].cpu(), ids[world.rank].cpu(), weights.cpu(), torch.ones(experts))
     torch.testing.assert_close(y.float().cpu(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().amax()))
