@@ -361,40 +361,47 @@ def _percentage(raw: str) -> float | None:
 
 
 def _sm_share(sms: int, pes_per_gpu: int, env: Mapping[str, str], mps_answer: str | None) -> tuple[int, str]:
-    """(how many SMs this PE's kernels may use, why), so that the blocks of every PE on the GPU can be
-    resident at once (some wait for others): the PE's MPS share of the SMs, and no more than an equal
-    split among the PEs on the GPU, whatever MPS says (a share it does not enforce, or shares that add
-    up to more than the GPU, would let one PE's waiting blocks hold the SMs another PE's blocks need).
+    """(how many SMs this PE's kernels may use, why), given `sms`, the count the GPU reports to this
+    process (cudaDevAttrMultiProcessorCount), so that the blocks of every PE on the GPU can be resident at
+    once (some wait for others).
 
-    The MPS share is CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, else the server's default (mps_answer: what
-    _mps_server_answer returned), else everything.
+    Under MPS a client may use its percentage of the GPU: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, or the
+    server's default where that is lower (mps_answer: what _mps_server_answer returned), and the count
+    it reads is already that share (the MPS documentation: the device attribute reflects the active
+    thread percentage), so it is taken as it is. Without an MPS server the variable limits nothing. Where
+    MPS enforces no share (no server, or 100%), or the shares add up to more than the GPU, the PE takes
+    no more than an equal split among the PEs on the GPU, whose size is then estimated from the share.
     """
     raw = env.get(MPS_PERCENTAGE)
-    if raw is not None:
-        percent = _percentage(raw)
-        if percent is None:
-            raise ValueError(f"{MPS_PERCENTAGE}={raw!r} is not a percentage in (0, 100]")
-        why = f"{MPS_PERCENTAGE}={raw}"
-    elif mps_answer is None:
-        percent, why = 100.0, "no MPS server"
+    asked = None if raw is None else _percentage(raw)
+    if raw is not None and asked is None:
+        raise ValueError(f"{MPS_PERCENTAGE}={raw!r} is not a percentage in (0, 100]")
+    default = None if mps_answer is None else _percentage(mps_answer)
+    if default is None:
+        percent = 100.0
+        why = "no MPS server" if mps_answer is None else f"no MPS server answered ({mps_answer!r})"
+        if raw is not None:
+            why += f", so {MPS_PERCENTAGE}={raw} limits nothing"
+    elif asked is not None and asked < default:
+        percent, why = asked, f"MPS at {MPS_PERCENTAGE}={raw}"
     else:
-        percent = _percentage(mps_answer)
-        why = f"the MPS server's default percentage, {mps_answer}"
-        if percent is None:
-            percent, why = 100.0, f"the MPS server gave no default percentage ({mps_answer!r}), so 100"
-    share = int(sms * percent // 100)
-    if pes_per_gpu > 1 and sms // pes_per_gpu < share:
-        share = sms // pes_per_gpu
-        why += f", split evenly among the {pes_per_gpu} PEs on the GPU"
+        percent, why = default, f"MPS at the server's default percentage, {mps_answer}"
+    if percent < 100:
+        why += ", which the count already reflects"
+    gpu = int(sms * 100 / percent)  # the whole GPU: what the share is a percentage of
+    share = sms
+    if pes_per_gpu > 1 and gpu // pes_per_gpu < share:
+        share = gpu // pes_per_gpu
+        why += f"; split evenly among the {pes_per_gpu} PEs on the GPU's {'about ' if percent < 100 else ''}{gpu} SMs"
     return max(1, share), why
 
 
 def _agreed_sm_share(state: _State) -> int:
-    """This rank's SMs (see _sm_share), logged, then the minimum over ranks."""
+    """This rank's SMs (see _sm_share), logged with the count the GPU reports, then the minimum over ranks."""
     sms = torch.cuda.get_device_properties(state.device).multi_processor_count
-    answer = None if MPS_PERCENTAGE in os.environ else _mps_server_answer(os.environ)
-    share, why = _sm_share(sms, state.pes_per_gpu, os.environ, answer)
-    log.info("symcomm: rank %d may use %d of the GPU's %d SMs (%s)", state.rank, share, sms, why)
+    share, why = _sm_share(sms, state.pes_per_gpu, os.environ, _mps_server_answer(os.environ))
+    log.info("symcomm: rank %d may use %d SMs: the GPU reports %d (cudaDevAttrMultiProcessorCount, %s=%s); %s",
+             state.rank, share, sms, MPS_PERCENTAGE, os.environ.get(MPS_PERCENTAGE, "unset"), why)
     agreed = torch.tensor([share])
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
     return int(agreed)
