@@ -53,13 +53,17 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
 
   m.def("init_device_state", &symcomm::init_device_state, py::arg("wait_timeout_s"));
   // At init: under lazy loading (CUDA's default) a kernel's first launch may wait for the kernels
-  // already running, and ours wait for each other (core/launch.cuh, load_kernel).
-  m.def("load_kernels", [] {
-    symcomm::load_collective_kernels();
-    symcomm::load_moe_kernels();
-    symcomm::load_gemm_kernels();
-    symcomm::load_sanity_kernels();
-  });
+  // already running, and ours wait for each other (core/launch.cuh, load_kernel). The fused GEMM's core
+  // only where it has machine code (sm_90a).
+  m.def(
+      "load_kernels",
+      [](bool gemm_core) {
+        symcomm::load_collective_kernels();
+        symcomm::load_moe_kernels();
+        symcomm::load_gemm_kernels(gemm_core);
+        symcomm::load_sanity_kernels();
+      },
+      py::arg("gemm_core") = true);
   m.def("finalize_device_state", &symcomm::finalize_device_state);
   m.def("device_state_ready", &symcomm::device_state_ready);
   m.def("init_status", &symcomm::init_status);

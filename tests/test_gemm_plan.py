@@ -424,6 +424,19 @@ def test_the_path_follows_the_cut_point_the_sizes_and_the_request(world, monkeyp
         gemm.choose("gemm_all_reduce", 1, 4096, 1024, torch.bfloat16, 4, big)
 
 
+def test_the_fused_path_runs_on_sm_90_only(world):
+    big = 64 << 20
+    for capability in (None, (9, 0)):  # None: the emulated device, which runs the fused kernels too
+        assert gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 4, big,
+                           capability=capability)[0] == "fused"
+    for capability in ((10, 0), (9, 1), (8, 0)):
+        path, why = gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 4, big, capability=capability)
+        assert path == "unfused" and why.startswith(f"this GPU has compute capability {capability[0]}.{capability[1]}")
+        with pytest.raises(ValueError, match=rf"path='fused' cannot run here: this GPU has compute capability "
+                                             rf"{capability[0]}\.{capability[1]}; the fused GEMM's core is sm_90a"):
+            gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 4, big, "fused", capability=capability)
+
+
 @pytest.mark.parametrize("op, extra", [("gemm_all_reduce", (None,)), ("gemm_reduce_scatter", ()),
                                        ("all_gather_gemm", ())])
 def test_the_nvshmem_impl_sees_the_path_however_the_call_spells_it(world, monkeypatch, op, extra):

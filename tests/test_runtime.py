@@ -1,5 +1,6 @@
 """init / finalize / empty / free, and the errors of calls made at the wrong time."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -68,6 +69,53 @@ def test_nvshmem_backend_without_gpu_says_why(fresh):
         symcomm.init(backend="nvshmem")
     assert not symcomm.is_initialized()
     assert symcomm.init(backend="auto") == "torch"
+
+
+BUILT = "90a-real,100a-real"
+
+
+@pytest.mark.parametrize("capability, archs, built_for", [
+    ((9, 0), BUILT, True), ((10, 0), BUILT, True),
+    ((8, 0), BUILT, False), ((12, 0), BUILT, False),
+    ((10, 3), BUILT, False),  # arch-specific machine code runs on its own minor only
+    ((10, 0), "90a-real,90-virtual", False),  # the device link keeps no PTX to compile for another GPU
+    ((8, 9), "80-real", True), ((8, 6), "89", False),  # plain machine code runs on later minors of its major
+    ((10, 3), "100f-real", True),
+    ((9, 0), "native", True),  # not recorded: the kernels' load tells
+])
+def test_the_kernels_run_where_the_build_has_machine_code_for_the_gpu(capability, archs, built_for):
+    problem = runtime._arch_problem(capability, archs)
+    assert (problem is None) == built_for, problem
+    if problem:
+        assert problem.startswith(f"this GPU has compute capability {capability[0]}.{capability[1]}, and symcomm._C "
+                                  f"holds machine code for sm_")
+
+
+@pytest.fixture
+def a_gpu_of(monkeypatch):
+    """Makes torch on this CPU machine report one GPU of the compute capability given (the extension, with
+    its archs, is the one installed), with a gloo-only process group: this torch has no NCCL."""
+    def fake(capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        start = runtime._start_process_group
+        monkeypatch.setattr(runtime, "_start_process_group", lambda device, shared_gpu, *rest: start(device, True, *rest))
+    return fake
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fakes a GPU on a machine without one")
+def test_a_gpu_the_kernels_were_not_built_for_falls_back_to_torch_saying_why(fresh, a_gpu_of, caplog):
+    a_gpu_of((8, 0))
+    archs = ", ".join(f"sm_{a.partition('-')[0]}" for a in runtime.load_extension().cuda_archs.split(",")
+                      if not a.endswith("-virtual"))
+    why = f"this GPU has compute capability 8.0, and symcomm._C holds machine code for {archs} only"
+    with pytest.raises(RuntimeError, match=f"nvshmem backend is unavailable \\(rank 0: {why}\\)"):
+        symcomm.init(backend="nvshmem")
+    with caplog.at_level(logging.INFO, logger="symcomm"):
+        assert symcomm.init(backend="auto") == "torch"
+    assert caplog.messages == [f"symcomm: using the torch backend because rank 0: {why}"]
+    assert caplog.records[0].levelno == logging.WARNING
 
 
 def test_the_emulated_device_is_chosen_by_its_variable_only(fresh, monkeypatch, tmp_path):

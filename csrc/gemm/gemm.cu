@@ -201,12 +201,14 @@ void check_tiles(int count, const char* what) {
 
 }  // namespace
 
-void load_gemm_kernels() {
+void load_gemm_kernels(bool core) {
   load_kernel(gemm_begin_kernel);
   load_kernel(gemm_comm_kernel<__nv_bfloat16>);
   load_kernel(gemm_comm_kernel<__half>);
-  load_gemm_core<GemmDType::kBFloat16>();
-  load_gemm_core<GemmDType::kFloat16>();
+  if (core) {
+    load_gemm_core<GemmDType::kBFloat16>();
+    load_gemm_core<GemmDType::kFloat16>();
+  }
 }
 
 void gemm_begin(std::uintptr_t workspace, std::uintptr_t stream) {

@@ -64,7 +64,7 @@ struct GemmCommCall {
 void gemm_begin(std::uintptr_t workspace, std::uintptr_t stream);
 void gemm(const GemmCall& c);
 void gemm_comm(const GemmCommCall& c);
-// Loads every kernel above, the GEMM core's too (at init: see load_kernel in core/launch.cuh).
-void load_gemm_kernels();
+// Loads every kernel above, the GEMM core's too if `core` (at init: see load_kernel in core/launch.cuh).
+void load_gemm_kernels(bool core);
 
 }  // namespace symcomm

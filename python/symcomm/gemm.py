@@ -15,6 +15,7 @@ Each op has two paths, and every rank takes the same one (the choice depends on 
 
 'auto' takes the fused path from the M cut-point in tuning.json on, when the sizes allow it;
 'fused' insists, and raises with the reason when they do not. SYMCOMM_GEMM_PATH overrides 'auto'.
+Neither takes the fused path on a GPU other than sm_90 (the GEMM core is sm_90a code).
 """
 
 from __future__ import annotations
@@ -94,17 +95,21 @@ def fused_min_m(world: int) -> int | None:
 
 
 def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data_bytes: int,
-           path: str = "auto", reachable: bool = True, max_peers: int = 8) -> tuple[str, str]:
+           path: str = "auto", reachable: bool = True, max_peers: int = 8, capability: tuple[int, int] | None = None
+           ) -> tuple[str, str]:
     """('fused' | 'unfused', why) for torch.ops.symcomm.<op> on this rank's a [m, k] and b [k, n] on the
-    nvshmem backend, given the workspace's data area, whether load/store reaches every rank and how
-    many ranks the fused comm kernel can read (the same on every rank, as the sizes are: every rank
-    decides the same)."""
+    nvshmem backend, given the workspace's data area, whether load/store reaches every rank, how many
+    ranks the fused comm kernel can read and the GPU's compute capability (None: the emulated device)
+    (the same on every rank, as the sizes are: every rank decides the same)."""
     if path == "auto":
         path = os.environ.get(PATH_ENV, "auto")
         if path not in PATHS:
             raise ValueError(f"{PATH_ENV}={path!r}; expected one of {PATHS}")
+    if capability not in (None, runtime.GEMM_CORE_CAPABILITY):
+        plan = (f"this GPU has compute capability {capability[0]}.{capability[1]}; the fused GEMM's core is "
+                f"sm_90a code only")
     # Tensor parallelism stays within a node: the fused comm kernel reads its peers by load/store.
-    if not reachable:
+    elif not reachable:
         plan = "some ranks are out of load/store reach (other nodes): the fused kernels run within one NVLink domain"
     elif world > max_peers:
         plan = f"{world} ranks: the fused kernels read at most {max_peers} peers by load/store"
@@ -130,7 +135,7 @@ def path_for(op: str, a: torch.Tensor, b: torch.Tensor, path: str = "auto") -> s
     ext = runtime.load_extension()
     data_bytes = runtime.workspace().numel() - ext.workspace_data_offset()
     return choose(op, a.shape[0], b.shape[1], a.shape[1], a.dtype, runtime.world_size(), data_bytes, path,
-                  runtime.all_reachable(), ext.max_peers)[0]
+                  runtime.all_reachable(), ext.max_peers, runtime.capability())[0]
 
 
 # ---------------------------------------------------------------------------------------------

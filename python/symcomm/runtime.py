@@ -46,6 +46,8 @@ TRANSPORTS = ("auto", "rma")
 # hierarchical kernels.
 PES_PER_NODE_ENV = "SYMCOMM_PES_PER_NODE"
 _ALIGN = 256  # of symmetric allocations on the emulated heap, as NVSHMEM's
+# The fused GEMM's core (csrc/gemm/wgmma/) is sm_90a code only: wgmma and setmaxnreg exist nowhere else.
+GEMM_CORE_CAPABILITY = (9, 0)
 
 
 class NotInitializedError(RuntimeError):
@@ -84,6 +86,8 @@ class _State:
     node_layout: tuple[int, int] | None = None
     node_reachable: bool = True
     transport: str = "p2p"
+    # The GPU's compute capability (nvshmem backend on a GPU; None elsewhere).
+    capability: tuple[int, int] | None = None
 
 
 _state: _State | None = None
@@ -162,11 +166,35 @@ def _nvshmem_unavailable_reason(device: torch.device) -> str | None:
         return f"the NVSHMEM host library could not be loaded ({e})"
     if dist.get_world_size() > ext.max_pes:
         return f"{dist.get_world_size()} ranks; the nvshmem kernels support at most {ext.max_pes}"
+    if problem := _arch_problem(torch.cuda.get_device_capability(device), ext.cuda_archs):
+        return problem
     try:
         import nvshmem.core  # noqa: F401
     except Exception as e:  # nvshmem4py raises assorted errors when cuda-python is off
         return f"nvshmem4py could not be imported ({type(e).__name__}: {e}); pip install nvshmem4py-cu13"
     return None
+
+
+def _arch_problem(capability: tuple[int, int], archs: str) -> str | None:
+    """Why the kernels of symcomm._C, built for `archs` (CMAKE_CUDA_ARCHITECTURES, comma-separated), cannot
+    load on a GPU of this compute capability, or None if they can. Only machine code counts: the device
+    link of relocatable code keeps no PTX for a newer GPU to compile. Machine code for sm_XY runs on X.Y
+    and later minors of X; an arch-specific sm_XYa only on X.Y."""
+    built = []
+    for arch in archs.split(","):
+        name, _, kind = arch.partition("-")
+        if kind == "virtual":
+            continue
+        digits = name.rstrip("af")
+        if not digits.isdigit():
+            return None  # "native", "all": what they stand for is not recorded, so the load will tell
+        major, minor = divmod(int(digits), 10)
+        exact = name.endswith("a")
+        if (major, minor) == capability or (not exact and major == capability[0] and minor <= capability[1]):
+            return None
+        built.append(f"sm_{name}")
+    return (f"this GPU has compute capability {capability[0]}.{capability[1]}, and symcomm._C holds machine code "
+            f"for {', '.join(built) or 'no GPU'} only")
 
 
 def _rank_env() -> tuple[int, int, int, int]:
@@ -264,7 +292,11 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
         _start_nvshmem_host(state)
     ext = load_extension()
     ext.init_device_state(state.timeout_s)
-    ext.load_kernels()
+    if not emulated():
+        state.capability = torch.cuda.get_device_capability(state.device)
+    # The fused GEMM's core has no machine code for another GPU, so it is not loaded there (gemm.choose
+    # never takes the fused path on it).
+    ext.load_kernels(gemm_core=state.capability in (None, GEMM_CORE_CAPABILITY))
     state.workspace = _allocate(state, (workspace_bytes,), torch.uint8)
     # The kernels' barrier flags and counters live at the front of the workspace and only ever count
     # up; the heap is not zeroed, so zero them, and let nobody signal a peer before all have.
@@ -627,6 +659,12 @@ def node_reachable() -> bool:
 def all_reachable() -> bool:
     """Whether load/store reaches every PE from every PE (what the fused GEMM and MoE kernels need)."""
     return _get().all_reachable
+
+
+def capability() -> tuple[int, int] | None:
+    """The GPU's compute capability (major, minor) on the nvshmem backend; None on the torch backend and
+    on the emulated device."""
+    return _get().capability
 
 
 def mpg_status() -> int | None:
