@@ -15,6 +15,8 @@ call ahead of both kernels, every range inside the memory it must be in (partial
 workspace's data area and apart, outputs in the op's own output), and nothing left unjoined.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -435,6 +437,36 @@ def test_the_fused_path_runs_on_sm_90_only(world):
         with pytest.raises(ValueError, match=rf"path='fused' cannot run here: this GPU has compute capability "
                                              rf"{capability[0]}\.{capability[1]}; the fused GEMM's core is sm_90a"):
             gemm.choose("gemm_all_reduce", 1 << 20, 4096, 1024, torch.bfloat16, 4, big, "fused", capability=capability)
+
+
+@pytest.fixture
+def nvshmem_host(monkeypatch):
+    """What path_for asks of the runtime, as on a 4-rank nvshmem backend on an H100 (SM 9.0), with a
+    stream capture that the test switches on (CPU torch cannot capture, nor be asked)."""
+    ext = SimpleNamespace(workspace_data_offset=lambda: 256, max_peers=8)
+    monkeypatch.setattr(runtime, "load_extension", lambda: ext)
+    monkeypatch.setattr(runtime, "workspace", lambda: torch.empty(256 + (64 << 20), dtype=torch.uint8))
+    monkeypatch.setattr(runtime, "world_size", lambda: 4)
+    monkeypatch.setattr(runtime, "all_reachable", lambda: True)
+    monkeypatch.setattr(runtime, "capability", lambda: (9, 0))
+    monkeypatch.setattr(runtime, "emulated", lambda: False)
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    return capturing
+
+
+@pytest.mark.parametrize("op", list(gemm.MODES))
+def test_a_cuda_graph_capture_takes_the_unfused_path(nvshmem_host, op):
+    """Captured, the fused call's GEMM and comm kernel become sibling graph nodes that a replay may run
+    one after the other: the one that waits for the other would then wait until its device-side timeout."""
+    a, b = torch.empty(2048, 1024, dtype=torch.bfloat16), torch.empty(1024, 4096, dtype=torch.bfloat16)
+    assert gemm.path_for(op, a, b) == "fused"
+    nvshmem_host[0] = True
+    assert gemm.path_for(op, a, b) == "unfused"
+    assert gemm.path_for(op, a, b, "unfused") == "unfused"
+    with pytest.raises(ValueError, match=rf"{op}: path='fused' cannot run here: a CUDA graph is being captured: the "
+                                         "GEMM and the comm kernel"):
+        gemm.path_for(op, a, b, "fused")
 
 
 @pytest.mark.parametrize("op, extra", [("gemm_all_reduce", (None,)), ("gemm_reduce_scatter", ()),

@@ -15,7 +15,9 @@ Each op has two paths, and every rank takes the same one (the choice depends on 
 
 'auto' takes the fused path from the M cut-point in tuning.json on, when the sizes allow it;
 'fused' insists, and raises with the reason when they do not. SYMCOMM_GEMM_PATH overrides 'auto'.
-Neither takes the fused path on a GPU other than sm_90 (the GEMM core is sm_90a code).
+Neither takes the fused path on a GPU other than sm_90 (the GEMM core is sm_90a code), nor while a
+CUDA graph is being captured: there the fork and join become two sibling nodes with no order between
+them, and a graph that runs one after the other never finishes the one that waits for the other.
 """
 
 from __future__ import annotations
@@ -95,17 +97,22 @@ def fused_min_m(world: int) -> int | None:
 
 
 def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data_bytes: int,
-           path: str = "auto", reachable: bool = True, max_peers: int = 8, capability: tuple[int, int] | None = None
-           ) -> tuple[str, str]:
+           path: str = "auto", reachable: bool = True, max_peers: int = 8, capability: tuple[int, int] | None = None,
+           capturing: bool = False) -> tuple[str, str]:
     """('fused' | 'unfused', why) for torch.ops.symcomm.<op> on this rank's a [m, k] and b [k, n] on the
     nvshmem backend, given the workspace's data area, whether load/store reaches every rank, how many
-    ranks the fused comm kernel can read and the GPU's compute capability (None: the emulated device)
-    (the same on every rank, as the sizes are: every rank decides the same)."""
+    ranks the fused comm kernel can read, the GPU's compute capability (None: the emulated device) and
+    whether a CUDA graph is being captured (the same on every rank, as the sizes are: every rank decides
+    the same)."""
     if path == "auto":
         path = os.environ.get(PATH_ENV, "auto")
         if path not in PATHS:
             raise ValueError(f"{PATH_ENV}={path!r}; expected one of {PATHS}")
-    if capability not in (None, runtime.GEMM_CORE_CAPABILITY):
+    if capturing:
+        plan = ("a CUDA graph is being captured: the GEMM and the comm kernel, each waiting for the other's "
+                "tiles or bands, would be graph nodes with no order between them, and a graph may run them one "
+                "after the other")
+    elif capability not in (None, runtime.GEMM_CORE_CAPABILITY):
         plan = (f"this GPU has compute capability {capability[0]}.{capability[1]}; the fused GEMM's core is "
                 f"sm_90a code only")
     # Tensor parallelism stays within a node: the fused comm kernel reads its peers by load/store.
@@ -134,8 +141,10 @@ def path_for(op: str, a: torch.Tensor, b: torch.Tensor, path: str = "auto") -> s
     """The path torch.ops.symcomm.<op>(a, b, path=path) takes on the nvshmem backend."""
     ext = runtime.load_extension()
     data_bytes = runtime.workspace().numel() - ext.workspace_data_offset()
+    # The emulated device has no CUDA graphs (and a CPU-only torch cannot be asked).
+    capturing = not runtime.emulated() and torch.cuda.is_current_stream_capturing()
     return choose(op, a.shape[0], b.shape[1], a.shape[1], a.dtype, runtime.world_size(), data_bytes, path,
-                  runtime.all_reachable(), ext.max_peers, runtime.capability())[0]
+                  runtime.all_reachable(), ext.max_peers, runtime.capability(), capturing)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +188,7 @@ def _weight(b: torch.Tensor) -> _Operand:
 
 def _overlapped(ctx, comm, gemm, gemm_waits: bool) -> None:
     """Runs comm(stream) on a side stream alongside gemm(stream) on the current one, after gemm_begin
-    and before anything queued later (fork and join: also how it is captured in a CUDA graph).
+    and before anything queued later (fork and join; never captured in a CUDA graph: see choose).
 
     gemm_waits: whether the GEMM waits for the comm kernel (all_gather_gemm's bands) rather than the
     comm kernel for the GEMM (the tiles of the other two).
