@@ -184,7 +184,8 @@ def test_remote_path_refuses_more_pes_than_the_limit(kernel):
             call(w, kernel, 0, src, 0, 16, dst, 16 if kernel == "push_gather" else 0, "float32", True, inbox_area(w))
 
 
-def run_push(kernel, vec16, npes, pes_per_node, dtype, size, **world):
+def run_push(kernel, vec16, npes, pes_per_node, dtype, size, **world) -> dict:
+    """Runs the push kernel on every PE and checks its results; returns what the emulated network landed."""
     rng = np.random.default_rng([npes, pes_per_node, DTYPES.index(dtype), len(size), bool(vec16), len(kernel)])
     width = lengths(dtype)[size]
     rows = npes if kernel in ("reduce_scatter", "all_to_all") else 1
@@ -210,6 +211,17 @@ def run_push(kernel, vec16, npes, pes_per_node, dtype, size, **world):
                                               err_msg=f"PE {pe}")
             else:
                 np.testing.assert_array_equal(got, sum(v[row] for v in values), err_msg=f"PE {pe}")
+        return w.ext.emu.rma_stats()
+
+
+def test_remote_path_lands_out_of_order_and_moves_each_byte_once():
+    """The emulated network lands a PE's puts and signals in an order NVSHMEM allows, not in the order
+    issued (so only the kernels' fences and consistency steps keep the results right), and moves each
+    PE's row to each team member once."""
+    npes, width = 4, lengths("float32")["blocks"]
+    stats = run_push("all_reduce", True, npes, 2, "float32", "blocks")
+    assert stats["overtakes"] > 0, stats
+    assert stats["bytes"] == npes * npes * width * 4, stats
 
 
 @pytest.mark.parametrize("dtype", ["float32"] if H.TSAN else DTYPES)

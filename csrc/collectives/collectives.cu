@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
   const std::int64_t from = lo * sizeof(T), bytes = (hi - lo) * sizeof(T);
   const std::uint64_t seq = ++s.seq;
   std::uint64_t* flag = &a.ws.slot(blockIdx.x, me)->flag;
+  fence_block();  // after the previous call's closing signals on the same flags
   for (int q = 0; q < t.size; ++q) {
     const int pe = t.pe(q);
     if (bytes > 0)
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
   }
   for (int member = threadIdx.x; member < t.size; member += blockDim.x) {
     const int pe = t.pe(member);
-    wait_geq(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);
+    wait_signal(&a.ws.slot(blockIdx.x, pe)->flag, seq, "a put", pe);
   }
   __syncthreads();
   if constexpr (Reduce) {

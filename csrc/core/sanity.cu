@@ -25,9 +25,11 @@ __global__ void ring_put_signal_kernel(RingPutArgs a) {
   const int n = nvshmem_n_pes();
   const int right = (me + 1) % n;
   const int left = (me + n - 1) % n;
-  // The signal is delivered after the data, so a receiver that sees `epoch` sees the whole message.
+  // The signal is delivered after the data, so a receiver that sees `epoch` sees the whole message; the
+  // fence keeps the previous call's signal from landing after this one's.
+  fence_block();
   nvshmemx_putmem_signal_block(a.dst, a.src, a.bytes, a.signal, a.epoch, NVSHMEM_SIGNAL_SET, right);
-  if (threadIdx.x == 0) wait_geq(a.signal, a.epoch, "ring put signal", left);
+  if (threadIdx.x == 0) wait_signal(a.signal, a.epoch, "ring put signal", left);
 }
 
 struct PeerLoadArgs {

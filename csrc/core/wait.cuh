@@ -29,4 +29,22 @@ __device__ inline void wait_geq(const std::uint64_t* flag, std::uint64_t target,
   }
 }
 
+// Block-wide: what this PE issued so far lands before what it issues next to the same PE. NVSHMEM lands
+// a PE's operations to one peer in any order unless a fence separates them, and the remote path sets one
+// flag with successive values (a put's signal, then barriers' signals): a later value landing first would
+// announce data still on its way, and the earlier one landing after it would take the flag back.
+__device__ inline void fence_block() {
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_fence();
+  __syncthreads();
+}
+
+// wait_geq on a flag that NVSHMEM's signal operations set (the remote path), then NVSHMEM's own wait on
+// it, which returns at once: its consistency step, which proxy-based transports need before the SMs
+// read what the signal announced (the NIC's writes may not be visible to them yet).
+__device__ inline void wait_signal(std::uint64_t* flag, std::uint64_t target, const char* what, int peer) {
+  wait_geq(flag, target, what, peer);
+  nvshmem_signal_wait_until(flag, NVSHMEM_CMP_GE, target);
+}
+
 }  // namespace symcomm

@@ -85,14 +85,18 @@ struct Workspace {
 // carries the same payload, and every call has at least two barriers.
 //
 // With rma (the remote path: peers that load/store may not reach) the flag is set by NVSHMEM's
-// signal operation instead, through whatever transport reaches the peer, and carries no payload:
-// the remote-path kernels push their data and never read a peer's input. The PEs that meet are a
+// signal operation instead, through whatever transport reaches the peer, after a fence (fence_block)
+// and waited for with NVSHMEM's consistency step (wait_signal); it carries no payload: the remote-path
+// kernels push their data and never read a peer's input. The PEs that meet are a
 // team (every PE, or with rma a node's or a rail's); flags stay per sending PE, and peer_payload[q]
 // is indexed by PE.
 __device__ inline void block_barrier(const Workspace& ws, const Team& team, std::uint64_t seq, Payload payload,
                                      Payload* peer_payload, bool rma) {
   const int me = nvshmem_my_pe();
-  __syncthreads();
+  if (rma)
+    fence_block();
+  else
+    __syncthreads();
   // A thread per member (in turns where the team outnumbers the block's threads).
   for (int member = threadIdx.x; member < team.size; member += blockDim.x) {
     const int q = team.pe(member);
@@ -109,7 +113,10 @@ __device__ inline void block_barrier(const Workspace& ws, const Team& team, std:
       store_release_sys(&remote->flag, seq);
     }
     Slot* mine = ws.slot(blockIdx.x, q);
-    wait_geq(&mine->flag, seq, "a block barrier", q);
+    if (rma)
+      wait_signal(&mine->flag, seq, "a block barrier", q);
+    else
+      wait_geq(&mine->flag, seq, "a block barrier", q);
     if (!rma) peer_payload[q] = Payload{load_racy(&mine->payload.offset), load_racy(&mine->payload.pitch)};
   }
   __syncthreads();

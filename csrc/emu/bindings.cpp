@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "core/check.h"
+#include "emu/rma.h"
 #include "emu/runtime.h"
 
 namespace py = pybind11;
@@ -26,6 +27,14 @@ void bind(py::module_& parent) {
       py::arg("pes_per_node") = 0,
       "gemm_order: 0 raster, 1 shuffled per PE, 2 last tile first; pes_per_node: 0 one node, else nodes of that "
       "many PEs, which load/store cannot reach across");
+  m.def(
+      "rma_stats",
+      [] {
+        const rma::Stats s = rma::stats();
+        return py::dict(py::arg("landed") = s.landed, py::arg("bytes") = s.bytes, py::arg("overtakes") = s.overtakes);
+      },
+      "puts, gets and signals landed since start: operations, data bytes, and how many landed before an "
+      "operation their PE issued earlier");
   m.def("set_pe", &set_pe, py::arg("pe"));
   m.def("local_pe", &local_pe, "the PE this process hosts after start_process, else -1");
   m.def("heap", &heap, py::arg("pe"));

@@ -26,7 +26,7 @@ CSRC = Path(__file__).resolve().parents[1]
 ROOT = CSRC.parent
 # The kernels and host code of csrc/, less the CUTLASS core (replaced by emu/gemm.cpp).
 SOURCES = ["bindings.cpp", "core/device_state.cu", "core/sanity.cu", "collectives/collectives.cu", "moe/moe.cu",
-           "gemm/gemm.cu", "emu/runtime.cpp", "emu/gemm.cpp", "emu/bindings.cpp"]
+           "gemm/gemm.cu", "emu/runtime.cpp", "emu/rma.cpp", "emu/gemm.cpp", "emu/bindings.cpp"]
 VARIANTS = {
     "plain": ["-O2"],
     # ThreadSanitizer: load it in the interpreter that tsan_python() builds.

@@ -1,6 +1,7 @@
 // The emulated device: PEs with symmetric heaps, streams that run launches in order, blocks on OS
 // threads, CUDA threads as fibers, traps, and the few CUDA runtime and NVSHMEM calls the core makes.
 #include "emu/runtime.h"
+#include "emu/rma.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -464,6 +465,7 @@ void schedule(const void* flag) {
   Block* b = t_block;
   if (b == nullptr) return;
   check_trapped();
+  rma::progress();
   Fiber* f = b->current;
   const std::uint64_t value = __atomic_load_n(static_cast<const std::uint64_t*>(flag), __ATOMIC_RELAXED);
   f->spun = f->last_flag == flag && f->last_value == value;
@@ -534,8 +536,11 @@ void launch(const void* entry, dim3 grid, dim3 block, std::uintptr_t stream, std
   l->block = block;
   l->body = std::move(body);
   l->seed = mix(g_settings.chaos_seed ^ mix(static_cast<std::uint64_t>(pe.index) << 40 ^ pe.launches++));
+  // A kernel boundary is a consistency step: put data that landed is visible to the next kernel.
   s.push([l] {
+    rma::make_visible(l->pe->index);
     if (pe_error(*l->pe).empty()) run_grid(l.get());
+    rma::make_visible(l->pe->index);
   });
 }
 
@@ -718,6 +723,7 @@ void start(int npes, std::size_t heap_bytes) {
     pe->streams.push_back(std::make_unique<Stream>(pe.get()));
   }
   g_world = std::move(w);
+  rma::start(npes, /*staged=*/true, g_settings.chaos_seed);
 }
 
 void start_process(int pe, int npes, std::size_t heap_bytes, const std::string& job, double timeout_s) {
@@ -739,6 +745,7 @@ void start_process(int pe, int npes, std::size_t heap_bytes, const std::string& 
   }
   Pe& local = *g_world->pes[pe];
   local.streams.push_back(std::make_unique<Stream>(&local));
+  rma::start(npes, /*staged=*/false, mix(g_settings.chaos_seed ^ static_cast<std::uint64_t>(pe)));
 }
 
 void stop() {
@@ -749,6 +756,7 @@ void stop() {
   for (auto& pe : w.pes)
     for (auto& s : pe->streams) s->finish();
   for (auto& pe : w.pes) pe->streams.clear();
+  rma::stop();
   for (auto& pe : w.pes)
     if (pe->heap != nullptr) munmap(pe->heap - kHeaderBytes, kHeaderBytes + w.heap_bytes);
   if (!w.own_name.empty()) shm_unlink(w.own_name.c_str());  // start_process failed before removing it
@@ -837,16 +845,25 @@ void* symmetric_address(const void* ptr, int pe, const char* what) {
   return w.pes[pe]->heap + offset;
 }
 
-void signal_update(std::uint64_t* sig, std::uint64_t value, int sig_op) {
-  if (sig_op == NVSHMEM_SIGNAL_ADD)
-    __atomic_fetch_add(sig, value, __ATOMIC_RELEASE);
-  else
-    __atomic_store_n(sig, value, __ATOMIC_RELEASE);
+// A block-wide call: every thread's earlier writes are in before one thread issues it, and nobody goes
+// on before it is issued (a blocking put's source may be reused once it returns).
+template <typename F>
+void by_the_block(F issue) {
+  __syncthreads();
+  if (threadIdx.x == 0) issue();
+  __syncthreads();
 }
 
-// Thread `index` of `count` copies its bytes of a put or get, once both sides are checked.
-void copy_share(char* to, const char* from, std::size_t bytes, unsigned index, unsigned count) {
-  for (std::size_t i = index; i < bytes; i += count) to[i] = from[i];
+// A warp-wide call: the lanes' earlier writes are in before lane 0 issues it.
+template <typename F>
+void by_the_warp(const char* what, F issue) {
+  symcomm::emu::check_whole_warps(what);
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) issue();
+}
+
+char* own(const void* ptr, const char* what) {
+  return static_cast<char*>(symmetric_address(ptr, nvshmem_my_pe(), what));
 }
 
 }  // namespace
@@ -857,9 +874,13 @@ void* nvshmem_ptr(const void* ptr, int pe) {
   return per_node > 0 && pe / per_node != current_pe().index / per_node ? nullptr : peer;
 }
 
+// As NVSHMEM's: a quiet, the meeting, and the consistency step.
 void nvshmem_barrier_all() {
+  const int me = current_pe().index;
+  symcomm::emu::rma::quiet(me);
   if (!symcomm::emu::meet(world(), symcomm::emu::now_ns() + 30ull * 1000 * 1000 * 1000))
-    symcomm::emu::device_fail("nvshmem_barrier_all timed out on PE " + std::to_string(current_pe().index));
+    symcomm::emu::device_fail("nvshmem_barrier_all timed out on PE " + std::to_string(me));
+  symcomm::emu::rma::make_visible(me);
 }
 
 // The emulated host library is up while the emulated device is started (emu.start or emu.start_process
@@ -879,40 +900,55 @@ void nvshmemi_finalize() {}
 
 void nvshmemx_putmem_signal_block(void* dest, const void* source, std::size_t bytes, std::uint64_t* sig_addr,
                                   std::uint64_t signal, int sig_op, int pe) {
-  auto* to = static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_signal_block"));
-  copy_share(to, static_cast<const char*>(source), bytes, threadIdx.x, blockDim.x);
-  __syncthreads();
-  if (threadIdx.x == 0)
-    signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_putmem_signal_block")),
-                  signal, sig_op);
-  __syncthreads();
+  const char* what = "nvshmemx_putmem_signal_block";
+  char* to = static_cast<char*>(symmetric_address(dest, pe, what));
+  auto* sig = static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, what));
+  by_the_block([&] {
+    const int me = nvshmem_my_pe();
+    const std::uint64_t data = symcomm::emu::rma::put(me, pe, to, static_cast<const char*>(source), bytes, true);
+    symcomm::emu::rma::signal(me, pe, sig, signal, sig_op == NVSHMEM_SIGNAL_ADD, data);
+  });
 }
 
 void nvshmemx_putmem_block(void* dest, const void* source, std::size_t bytes, int pe) {
-  symmetric_address(source, nvshmem_my_pe(), "nvshmemx_putmem_block (source)");
-  copy_share(static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_block")),
-             static_cast<const char*>(source), bytes, threadIdx.x, blockDim.x);
-  __syncthreads();
+  const char* from = own(source, "nvshmemx_putmem_block (source)");
+  char* to = static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_block"));
+  by_the_block([&] { symcomm::emu::rma::put(nvshmem_my_pe(), pe, to, from, bytes, true); });
 }
 
 void nvshmemx_putmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
-  symcomm::emu::check_whole_warps("nvshmemx_putmem_nbi_warp");
-  symmetric_address(source, nvshmem_my_pe(), "nvshmemx_putmem_nbi_warp (source)");
-  copy_share(static_cast<char*>(symmetric_address(dest, pe, "nvshmemx_putmem_nbi_warp")),
-             static_cast<const char*>(source), bytes, threadIdx.x % 32, 32);
+  const char* what = "nvshmemx_putmem_nbi_warp";
+  by_the_warp(what, [&] {
+    const char* from = own(source, "nvshmemx_putmem_nbi_warp (source)");
+    char* to = static_cast<char*>(symmetric_address(dest, pe, what));
+    symcomm::emu::rma::put(nvshmem_my_pe(), pe, to, from, bytes, false);
+  });
 }
 
 void nvshmemx_getmem_nbi_warp(void* dest, const void* source, std::size_t bytes, int pe) {
-  symcomm::emu::check_whole_warps("nvshmemx_getmem_nbi_warp");
-  symmetric_address(dest, nvshmem_my_pe(), "nvshmemx_getmem_nbi_warp (destination)");
-  copy_share(static_cast<char*>(dest), static_cast<const char*>(symmetric_address(source, pe, "nvshmemx_getmem_nbi_warp")),
-             bytes, threadIdx.x % 32, 32);
+  const char* what = "nvshmemx_getmem_nbi_warp";
+  by_the_warp(what, [&] {
+    char* to = own(dest, "nvshmemx_getmem_nbi_warp (destination)");
+    const char* from = static_cast<const char*>(symmetric_address(source, pe, what));
+    symcomm::emu::rma::get(nvshmem_my_pe(), pe, to, from, bytes);
+  });
 }
 
-void nvshmem_quiet() {}
+void nvshmem_fence() { symcomm::emu::rma::fence(nvshmem_my_pe()); }
+
+void nvshmem_quiet() { symcomm::emu::rma::quiet(nvshmem_my_pe()); }
 
 void nvshmemx_signal_op(std::uint64_t* sig_addr, std::uint64_t signal, int sig_op, int pe) {
-  signal_update(static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_signal_op")), signal, sig_op);
+  auto* sig = static_cast<std::uint64_t*>(symmetric_address(sig_addr, pe, "nvshmemx_signal_op"));
+  symcomm::emu::rma::signal(nvshmem_my_pe(), pe, sig, signal, sig_op == NVSHMEM_SIGNAL_ADD, 0);
+}
+
+std::uint64_t nvshmem_signal_wait_until(std::uint64_t* sig_addr, int cmp, std::uint64_t cmp_value) {
+  SYMCOMM_CHECK(cmp == NVSHMEM_CMP_GE, "the emulated nvshmem_signal_wait_until compares with NVSHMEM_CMP_GE only");
+  std::uint64_t seen;
+  while ((seen = __atomic_load_n(sig_addr, __ATOMIC_ACQUIRE)) < cmp_value) symcomm::emu::schedule(sig_addr);
+  symcomm::emu::rma::make_visible(nvshmem_my_pe());
+  return seen;
 }
 
 // ---- the CUDA runtime calls the core makes ----

@@ -16,6 +16,7 @@ enum {
 };
 enum { NVSHMEM_THREAD_SINGLE = 0, NVSHMEM_THREAD_FUNNELED, NVSHMEM_THREAD_SERIALIZED, NVSHMEM_THREAD_MULTIPLE };
 enum { NVSHMEM_SIGNAL_SET = 9, NVSHMEM_SIGNAL_ADD = 10 };
+enum { NVSHMEM_CMP_EQ = 0, NVSHMEM_CMP_NE, NVSHMEM_CMP_GT, NVSHMEM_CMP_LE, NVSHMEM_CMP_LT, NVSHMEM_CMP_GE };
 
 struct nvshmemi_version_t {
   int major, minor, patch;
@@ -28,5 +29,10 @@ int nvshmem_n_pes();
 // heap or a PE out of range, where NVSHMEM would return null and the caller would crash later.
 void* nvshmem_ptr(const void* ptr, int pe);
 void nvshmem_barrier_all();
-// Nothing to complete: the emulated puts and gets copy before they return.
+// Puts, gets and signals land later, in an order NVSHMEM allows (csrc/emu/rma.h): a fence keeps the order
+// of what the caller issued to each PE, a quiet lands everything it issued.
+void nvshmem_fence();
 void nvshmem_quiet();
+// Waits until *sig_addr >= cmp_value (NVSHMEM_CMP_GE only), then takes NVSHMEM's consistency step: the put
+// data that landed here is visible to this PE's threads.
+std::uint64_t nvshmem_signal_wait_until(std::uint64_t* sig_addr, int cmp, std::uint64_t cmp_value);
