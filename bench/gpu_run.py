@@ -87,6 +87,7 @@ class Step:
     needs: frozenset[str] = frozenset({"build"})  # steps that must have succeeded
     env: dict[str, str] = field(default_factory=dict)
     pes: int = 1  # processes on the GPU: under MPS each gets 100 / pes percent of it
+    traps: bool = False  # ends a kernel with a trap on purpose (MPS is restarted after it)
 
 
 def torchrun(pes: int) -> list[str]:
@@ -104,7 +105,7 @@ def suite(name: str, what: str, files: list[str], pes: int, min_s: int, max_s: i
 
 def single(name: str, what: str, paths: list[str], k: str, min_s: int, max_s: int) -> Step:
     argv = [PY, "-m", "pytest", *paths, "-m", "gpu and not dist", "-k", k, *PYTEST_OPTS, "--junitxml={dir}/junit.xml"]
-    return Step(name, what, argv, min_s, max_s, env=TEST_ENV)
+    return Step(name, what, argv, min_s, max_s, env=TEST_ENV, traps=True)
 
 
 def bench(name: str, what: str, op: str, options: list[str], min_s: int, max_s: int,
@@ -115,16 +116,17 @@ def bench(name: str, what: str, op: str, options: list[str], min_s: int, max_s: 
 
 def plan(call: int = 1, rerun: str = "unreached", toggle: str | None = None) -> list[Step]:
     setup = [
-        Step("versions", "GPU, driver, memory (nvidia-smi); nvcc; torch, CUDA, SMs, NVSHMEM wheel, nvshmem4py",
-             versions, 15, 30, needs=frozenset()),
+        Step("versions", "GPU, driver, memory (nvidia-smi); nvcc; torch, CUDA, SMs, NVSHMEM wheel, nvshmem4py; the "
+             "probe without MPS (SMs read, CUDA-graph siblings at once?)", versions, 15, 30, needs=frozenset()),
         Step("wheels", "pip install --no-index --no-deps --target SITE .whl/*.whl (SITE on PYTHONPATH)",
              wheels, 10, 30, needs=frozenset()),
         Step("build", "pip install --no-build-isolation --no-deps --target SITE . (timed), then import symcomm._C "
              "from SITE; an earlier call's build of the same sources is reused", build, 120, 240, needs=frozenset()),
     ]
     mps = [] if toggle == "no-mps" else [
-        Step("mps", "nvidia-cuda-mps-control -d, then one CUDA client; if it fails, MPS is stopped and the run "
-             "goes on without it", start_mps, 10, 40, needs=frozenset())]
+        Step("mps", "nvidia-cuda-mps-control -d, then the probe as a CUDA client, without and with "
+             "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50; if the client fails, MPS is stopped and the run goes on "
+             "without it", start_mps, 15, 50, needs=frozenset())]
     pairs = [
         suite("sanity", "tests/test_nvshmem.py at 2 PEs", ["tests/test_nvshmem.py"], 2, 15, 45),
         suite("collectives", "tests/test_collectives_gpu.py at 2 PEs", ["tests/test_collectives_gpu.py"], 2, 30, 120),
@@ -153,7 +155,7 @@ def plan(call: int = 1, rerun: str = "unreached", toggle: str | None = None) -> 
               ["--warmup", "3", "--iters", "10"], 30, 120, env={"SYMCOMM_WORKSPACE_BYTES": str(288 << 20)}),
     ]
     # Both single-process GPU tests end a kernel with a trap (in a child process): they come after
-    # everything else that shares the GPU, the one named a trap last.
+    # everything else that shares the GPU, the one named a trap last, and MPS is restarted after them.
     traps = [
         single("single", "the single-process GPU tests (-m 'gpu and not dist') but the trap", ["tests"],
                f"not {TRAP}", 15, 45),
@@ -416,6 +418,23 @@ def mpg_mode(folder: Path) -> str | None:
     return (found + " (ranks disagree)" if len(codes) > 1 else found) or None
 
 
+# What a kernel that trapped or faulted leaves in a log: CUDA's names for the error (torch's "CUDA error:
+# ...", our checks' "... failed: <cudaGetErrorString>"), and our device wait's message before its trap.
+CUDA_FAULT = re.compile(r"CUDA error|cudaError[A-Z]\w+|CUDA_ERROR_[A-Z_]+|unspecified launch failure|"
+                        r"illegal (memory access|instruction)|device-side assert|misaligned address|"
+                        r"symcomm: PE \d+ timed out")
+
+
+def cuda_fault(folder: Path) -> str | None:
+    """The first sign in a step's logs (its output, the ranks' logs, junit) that a kernel trapped or
+    faulted, or None."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".log", ".xml"):
+            if found := CUDA_FAULT.search(path.read_text(errors="replace")):
+                return found[0]
+    return None
+
+
 def source_digest() -> str:
     """The digest of the sources that travel: `--digest` here and the run's summary.json agree when the
     run built this tree."""
@@ -512,6 +531,23 @@ class Runner:
                          + (f", tests {record['tests']}" if record["tests"] else ""))
             self.log.end()
             self.publish()
+        fault = cuda_fault(folder)
+        if self.mps and (step.traps or fault) and i + 1 < len(self.steps):
+            self.restart_mps(step.name, "it traps on purpose" if step.traps else f"its logs show {fault!r}")
+
+    def restart_mps(self, after: str, why: str) -> None:
+        """A kernel that traps or faults under MPS ends every client of the server, and the server takes
+        no new ones until it is restarted: so later steps get a fresh daemon (or none, if it fails)."""
+        self.log.say(f"restarting MPS after {after} ({why})")
+        env, folder = {**os.environ, **self.mps}, self.steps_dir / after
+        spawn([self.mps_control], env, time.monotonic() + 20, self.log.step, stdin="quit\n", grace=self.grace)
+        started = spawn([self.mps_control, "-d"], env, time.monotonic() + 10, self.log.step,
+                        output=folder / "mps-restart.out", grace=self.grace)
+        self.facts["mps"].setdefault("restarts", []).append({"after": after, "why": why, "status": started.status})
+        if started.rc != 0:
+            self.mps = {}
+            self.facts["mps"]["detail"] += f"; not restarted after {after} ({started.status}): later steps without it"
+        self.publish()
 
     def stop_mps(self) -> None:
         if self.mps:
@@ -555,7 +591,9 @@ class Runner:
                  f"nvshmem4py {ext.get('nvshmem4py') or v.get('nvshmem4py-cu13')}, nvcc {m.get('nvcc')}, "
                  f"python {v.get('python')}",
                  f"build     {build}",
-                 f"mps       {f['mps']['detail']}",
+                 f"mps       {f['mps']['detail']}" + "".join(f"; restarted after {r['after']}: {r['status']}"
+                                                         for r in f["mps"].get("restarts", [])),
+                 f"sms       {probe_line(v.get('probe'), f['mps'])}",
                  f"mpg       without MPS: {s['mpg']['without_mps']}; sanity: {s['mpg']['sanity']}",
                  f"{'step':<18}{'given':>6}{'taken':>6}{'passed':>7}{'failed':>7}{'skipped':>8}  status"]
         for r in s["steps"]:
@@ -567,6 +605,15 @@ class Runner:
         files = sorted(p.relative_to(self.out).as_posix() for p in self.out.rglob("*") if p.is_file())
         lines.append(f"files     {', '.join(files)}")
         return "\n".join(lines)
+
+
+def probe_line(alone: dict | None, mps: dict) -> str:
+    """The probes' findings in a line: the SM counts a process read, and how graph siblings ran."""
+    found = [f"{alone['sms']} read without MPS; graph siblings ran {alone['graph_siblings']}"] if alone else []
+    if under := mps.get("probe"):
+        found.append(f"under MPS {under['sms']} read without CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, "
+                     f"{mps.get('sms_at_50_percent')} at 50%; graph siblings ran {under['graph_siblings']}")
+    return "; ".join(found) or "not measured"
 
 
 @dataclass
@@ -589,8 +636,45 @@ class Ctx:
 
 
 # ------------------------------------------------------------------------------------ built-in steps
-VERSIONS_PY = """
-import importlib.metadata as md, json, platform, sys
+# What two choices of symcomm.runtime rest on, measured in a CUDA process (without MPS in `versions`, under
+# it in `mps`): the SM count the GPU reports to it (under MPS without and with
+# CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, which the runtime takes to be applied to it already), and whether a
+# replayed CUDA graph runs two sibling nodes at once (the fused GEMM ops are never captured, as a graph
+# may run their two kernels one after the other): two spins of about 25 ms, forked and joined as the
+# fused ops would be captured, take about 25 ms if they ran at once, 50 if not.
+PROBE_PY = """
+import json, sys, time
+def probe():
+    import torch
+    info = {"sms": torch.cuda.get_device_properties(0).multi_processor_count}
+    cycles = 50_000_000
+    def ms(run):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+    try:
+        torch.cuda._sleep(1000)
+        alone = min(ms(lambda: torch.cuda._sleep(cycles)) for _ in range(3))
+        side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(cycles)
+            torch.cuda._sleep(cycles)
+            main.wait_stream(side)
+        both = min(ms(graph.replay) for _ in range(3))
+        verdict = "at once" if both < 1.5 * alone else "one after the other"
+        info["graph_siblings"] = f"{verdict} ({both:.1f} ms for both, {alone:.1f} ms for one)"
+    except Exception as e:  # recorded: the SM count and the step do not depend on it
+        info["graph_siblings"] = f"not measured ({type(e).__name__}: {e})"
+    return info
+"""
+
+VERSIONS_PY = PROBE_PY + """
+import importlib.metadata as md, platform
 names = ["torch", "nvidia-nvshmem-cu13", "nvshmem4py-cu13", "cuda-python", "cuda-bindings", "cuda-core",
          "cuda-pathfinder", "numpy", "pytest", "pytest-timeout", "scikit-build-core", "pybind11", "cmake", "ninja"]
 info = {"python": platform.python_version()}
@@ -604,7 +688,7 @@ info["torch_cuda"] = torch.version.cuda
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(device=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                memory_gib=round(p.total_memory / 2**30, 1), devices=torch.cuda.device_count())
+                memory_gib=round(p.total_memory / 2**30, 1), devices=torch.cuda.device_count(), probe=probe())
 json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 """
@@ -628,8 +712,11 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(info, indent=1))
 """
 
-MPS_CLIENT_PY = ("import torch; x = torch.ones(1 << 20, device='cuda'); torch.cuda.synchronize(); "
-                 "print('MPS client ok', int(x.sum()))")
+MPS_CLIENT_PY = PROBE_PY + """
+info = probe()
+json.dump(info, open(sys.argv[1], "w"))
+print("MPS client ok:", json.dumps(info))
+"""
 
 
 def versions(ctx: Ctx) -> str:
@@ -702,11 +789,16 @@ def start_mps(ctx: Ctx) -> str:
         mps["detail"] = f"nvidia-cuda-mps-control -d {started.status}"
         return f"failed ({mps['detail']}): running without MPS"
     ctx.runner.mps, ctx.runner.mps_control = env, control
-    client = ctx.run([PY, "-c", MPS_CLIENT_PY], client_env)
+    client = ctx.run([PY, "-c", MPS_CLIENT_PY, str(ctx.dir / "client.json")], client_env)
     if client.rc != 0:
         mps["detail"] = f"the daemon started but a CUDA client {client.status} under it: MPS stopped"
         ctx.runner.stop_mps()
         return f"failed (MPS client {client.status}): running without MPS"
+    mps["probe"] = json.loads((ctx.dir / "client.json").read_text())
+    half = ctx.run([PY, "-c", MPS_CLIENT_PY, str(ctx.dir / "client-50.json")],
+                   {**client_env, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"})
+    mps["sms_at_50_percent"] = json.loads((ctx.dir / "client-50.json").read_text())["sms"] if half.rc == 0 \
+        else half.status
     servers = ctx.run([control], client_env, limit_s=10, stdin="get_server_list\n").out.split()
     mps.update(started=True, detail=f"{control}, server(s) {' '.join(servers) or 'none listed'}")
     return "ok"

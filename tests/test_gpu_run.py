@@ -283,3 +283,62 @@ def test_a_stopped_run_still_leaves_its_summary(tmp_path):
     assert "stopped by a signal" in text
     assert int(re.search(r"^hanging (\d+)", text, re.M)[1]) not in gpu_run.process_table()
     returned(tmp_path / "out", gpu_run.FILE_CAP)
+
+
+def fake_mps_control(folder: Path, start_rc: int = 0) -> tuple[Path, Path]:
+    """A stand-in nvidia-cuda-mps-control that notes each call in calls.txt (-d, or the command it reads
+    from stdin) and exits with start_rc for -d."""
+    control, calls = folder / "nvidia-cuda-mps-control", folder / "calls.txt"
+    control.write_text(f'#!/bin/sh\nif [ "$1" = -d ]; then echo -d >> {calls}; exit {start_rc}; fi\n'
+                       f'read cmd; echo "$cmd" >> {calls}\n')
+    control.chmod(0o755)
+    return control, calls
+
+
+def mps_run(tmp_path, steps, start_rc=0):
+    """Runs steps with MPS up (the stand-in above): returns (the calls it got, summary.json)."""
+    control, calls = fake_mps_control(tmp_path, start_rc)
+    facts = gpu_run.first_facts(1, None, None, "c0ffee")
+    facts["mps"].update(started=True, detail="stand-in")
+    runner = gpu_run.Runner(steps, 100, tmp_path / "out", tmp_path / "work", tmp_path / "site", facts, grace=1)
+    runner.mps, runner.mps_control = {"CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe")}, str(control)
+    runner.run()
+    return calls.read_text().split(), json.loads((tmp_path / "out" / "summary.json").read_text())
+
+
+def py_step(name: str, code: str, **kw):
+    return gpu_run.Step(name, "", [sys.executable, "-c", code], 1, 10, needs=frozenset(), **kw)
+
+
+RANK_LOG = ("import pathlib; p = pathlib.Path(r'{dir}/logs/run/attempt_0/1'); p.mkdir(parents=True); "
+            "(p / 'stderr.log').write_text('symcomm: PE 1 timed out after 10 s waiting for a tile from PE 0')")
+
+
+def test_mps_is_restarted_after_a_step_that_trapped(tmp_path):
+    """A trap or fault under MPS ends every client of the server, and it takes no new ones: the next step
+    must find a fresh daemon. Not after a plain test failure, which leaves the server as it was."""
+    calls, summary = mps_run(tmp_path, [
+        py_step("assertion", "raise SystemExit('AssertionError: 1 != 2')"),
+        py_step("fault", "print('RuntimeError: CUDA error: an illegal memory access was encountered'); exit(1)"),
+        py_step("rank-trap", RANK_LOG),  # the fault is in another rank's log; the step still passed
+        py_step("trap", "pass", traps=True),  # passes by trapping in a child of its own
+        py_step("clean", "print('nothing wrong')"),
+    ])
+    assert calls == ["quit", "-d"] * 3 + ["quit"], calls
+    assert [(r["after"], r["why"], r["status"]) for r in summary["mps"]["restarts"]] == [
+        ("fault", "its logs show 'CUDA error'", "ok"),
+        ("rank-trap", "its logs show 'symcomm: PE 1 timed out'", "ok"),
+        ("trap", "it traps on purpose", "ok")]
+    assert "restarted after fault: ok" in (tmp_path / "out" / "gpu_run.log").read_text()
+
+
+def test_later_steps_run_without_mps_if_it_does_not_restart(tmp_path):
+    pipe = "import os; print('pipe:', os.environ.get('CUDA_MPS_PIPE_DIRECTORY'))"
+    calls, summary = mps_run(tmp_path, [py_step("before", pipe), py_step("trap", "pass", traps=True),
+                                        py_step("after", pipe)], start_rc=1)
+    assert calls == ["quit", "-d"], "a daemon that did not start is not stopped again"
+    assert summary["mps"]["restarts"] == [{"after": "trap", "why": "it traps on purpose", "status": "failed (exit 1)"}]
+    assert summary["mps"]["detail"].endswith("not restarted after trap (failed (exit 1)): later steps without it")
+    with tarfile.open(tmp_path / "out" / "steps.tar.gz") as tar:
+        before, after = (tar.extractfile(f"{name}/output.log").read().decode() for name in ("before", "after"))
+    assert f"pipe: {tmp_path / 'pipe'}" in before and "pipe: None" in after
