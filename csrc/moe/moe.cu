@@ -226,16 +226,17 @@ __global__ void __launch_bounds__(kThreads) moe_fan_out_kernel(MoeArgs a) {
   s.close();
 }
 
-// Warp-wide: for each of the lanes' vectors v of a row, the float32 sum over m rows of w[j] * rows[j][v],
-// handed to store(v, sums).
+// Warp-wide: for each of the lanes' vectors v of a row, the float32 sum over the first m rows of
+// w[j] * rows[j][v] (a null row is left out), handed to store(v, sums). Inlined, and rows[] and w[]
+// indexed by constants only, so that they stay in registers.
 template <typename T, int N, typename Store>
-__device__ void weighted_sum(const Vec<T, N>* const* rows, const float* w, int m, std::int64_t vecs, int lane,
-                             Store store) {
+__device__ __forceinline__ void weighted_sum(const Vec<T, N>* const* rows, const float* w, int m, std::int64_t vecs,
+                                             int lane, Store store) {
   for (std::int64_t v = lane; v < vecs; v += 32) {
     float acc[N] = {};
 #pragma unroll
     for (int j = 0; j < kMaxTopK; ++j) {
-      if (j < m) {
+      if (j < m && rows[j] != nullptr) {
         const Vec<T, N> r = load_cg(rows[j] + v);
 #pragma unroll
         for (int n = 0; n < N; ++n) acc[n] += w[j] * static_cast<float>(r.v[n]);
@@ -336,18 +337,24 @@ __global__ void __launch_bounds__(kThreads) moe_node_sum_kernel(MoeArgs a) {
   for (int n = 0; n < h.nodes; ++n) {
     for (int pos = warp, count = h.inbox_count(a, n); pos < count; pos += warps) {
       const char* record = h.record(1 + n, pos);
+      // Expert j's row where it is on this node, else null.
       const Vec<T, N>* rows[kMaxTopK];
       float w[kMaxTopK];
-      int here = 0;
-      for (int j = 0; j < a.top_k; ++j) {
-        const std::int64_t code = load_cg(reinterpret_cast<const std::int64_t*>(record) + j);
-        const int owner = static_cast<int>(code / per_owner);
-        if (owner / h.per_node != h.node) continue;
-        rows[here] = reinterpret_cast<const Vec<T, N>*>(expert_row(a, a.mine, owner, code - owner * per_owner));
-        w[here++] = load_cg(reinterpret_cast<const float*>(record + 8 * a.top_k) + j);
+#pragma unroll
+      for (int j = 0; j < kMaxTopK; ++j) {
+        rows[j] = nullptr;
+        w[j] = 0;
+        if (j < a.top_k) {
+          const std::int64_t code = load_cg(reinterpret_cast<const std::int64_t*>(record) + j);
+          const int owner = static_cast<int>(code / per_owner);
+          if (owner / h.per_node == h.node) {
+            rows[j] = reinterpret_cast<const Vec<T, N>*>(expert_row(a, a.mine, owner, code - owner * per_owner));
+            w[j] = load_cg(reinterpret_cast<const float*>(record + 8 * a.top_k) + j);
+          }
+        }
       }
       float* sum = h.partial(2 * n, pos);
-      weighted_sum(rows, w, here, a.row_bytes / 16, lane, [&](std::int64_t v, const float* acc) {
+      weighted_sum(rows, w, a.top_k, a.row_bytes / 16, lane, [&](std::int64_t v, const float* acc) {
 #pragma unroll
         for (int i = 0; i < N; ++i) sum[v * N + i] = acc[i];
       });
