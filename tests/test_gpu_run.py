@@ -332,6 +332,14 @@ def test_mps_is_restarted_after_a_step_that_trapped(tmp_path):
     assert "restarted after fault: ok" in (tmp_path / "out" / "gpu_run.log").read_text()
 
 
+def test_the_steps_that_end_a_kernel_with_a_trap_say_so():
+    # The single-process GPU tests trap on purpose, in processes of their own, and still pass.
+    for call, rerun in ((1, "unreached"), (2, "unreached"), (2, "failed")):
+        steps = gpu_run.plan(call, rerun)
+        assert {s.name for s in steps if s.traps} == {s.name for s in steps} & {"single", "trap"}
+    assert {s.name for s in gpu_run.plan(1) if s.traps} == {"single", "trap"}
+
+
 def test_later_steps_run_without_mps_if_it_does_not_restart(tmp_path):
     pipe = "import os; print('pipe:', os.environ.get('CUDA_MPS_PIPE_DIRECTORY'))"
     calls, summary = mps_run(tmp_path, [py_step("before", pipe), py_step("trap", "pass", traps=True),
