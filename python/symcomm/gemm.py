@@ -109,12 +109,11 @@ def choose(op: str, m: int, n: int, k: int, dtype: torch.dtype, world: int, data
         if path not in PATHS:
             raise ValueError(f"{PATH_ENV}={path!r}; expected one of {PATHS}")
     if capturing:
-        plan = ("a CUDA graph is being captured: the GEMM and the comm kernel, each waiting for the other's "
-                "tiles or bands, would be graph nodes with no order between them, and a graph may run them one "
-                "after the other")
+        plan = ("a CUDA graph is being captured: the GEMM and the comm kernel, one of which waits for the other, "
+                "would be graph nodes with no order between them, and a graph may run them one after the other")
     elif capability not in (None, runtime.GEMM_CORE_CAPABILITY):
         plan = (f"this GPU has compute capability {capability[0]}.{capability[1]}; the fused GEMM's core is "
-                f"sm_90a code only")
+                "sm_90a code only")
     # Tensor parallelism stays within a node: the fused comm kernel reads its peers by load/store.
     elif not reachable:
         plan = "some ranks are out of load/store reach (other nodes): the fused kernels run within one NVLink domain"
