@@ -9,6 +9,7 @@
 #include "core/device_state.h"
 #include "core/sanity.h"
 #include "gemm/gemm.h"
+#include "gemm/wgmma/wgmma.h"
 #include "moe/moe.h"
 
 #ifndef SYMCOMM_CUDA_ARCHS
@@ -154,6 +155,18 @@ PYBIND11_MODULE(SYMCOMM_MODULE, m) {
   m.attr("gemm_tile_m") = symcomm::kTileM;
   m.attr("gemm_tile_n") = symcomm::kTileN;
   m.attr("max_gemm_tiles") = symcomm::kMaxGemmTiles;
+#ifndef SYMCOMM_EMU
+  // For the kernel resource table (tests/device_code.py): shared memory the cubin does not record.
+  m.def(
+      "gemm_core_shared_bytes",
+      [](int dtype, bool b_k_major) {
+        return static_cast<symcomm::GemmDType>(dtype) == symcomm::GemmDType::kFloat16
+                   ? symcomm::gemm_core_shared_bytes<symcomm::GemmDType::kFloat16>(b_k_major)
+                   : symcomm::gemm_core_shared_bytes<symcomm::GemmDType::kBFloat16>(b_k_major);
+      },
+      py::arg("dtype"), py::arg("b_k_major"),
+      "the dynamic shared memory the fused GEMM's core is launched with (dtype 1 float16, 2 bfloat16)");
+#endif
 
   m.attr("nvshmem_version") = py::make_tuple(NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
                                                NVSHMEM_VENDOR_PATCH_VERSION);

@@ -10,4 +10,9 @@ template <>
 void load_gemm_core<GemmDType::kBFloat16>() {
   load_typed<cutlass::bfloat16_t>();
 }
+
+template <>
+int gemm_core_shared_bytes<GemmDType::kBFloat16>(bool b_k_major) {
+  return shared_bytes_typed<cutlass::bfloat16_t>(b_k_major);
+}
 }  // namespace symcomm

@@ -10,4 +10,9 @@ template <>
 void load_gemm_core<GemmDType::kFloat16>() {
   load_typed<cutlass::half_t>();
 }
+
+template <>
+int gemm_core_shared_bytes<GemmDType::kFloat16>(bool b_k_major) {
+  return shared_bytes_typed<cutlass::half_t>(b_k_major);
+}
 }  // namespace symcomm

@@ -210,8 +210,9 @@ struct FusedGemm {
     SYMCOMM_CUDA_CHECK(cudaGetLastError());
   }
 
-  // The kernel that GemmUniversalAdapter::run launches.
+  // The kernel that GemmUniversalAdapter::run launches, and the dynamic shared memory it launches it with.
   static void load() { load_kernel(cutlass::device_kernel<Kernel>); }
+  static constexpr int kSharedBytes = Kernel::SharedStorageSize;
 };
 
 template <typename T>
@@ -226,6 +227,11 @@ template <typename T>
 void load_typed() {
   FusedGemm<T, true>::load();
   FusedGemm<T, false>::load();
+}
+
+template <typename T>
+int shared_bytes_typed(bool b_k_major) {
+  return b_k_major ? FusedGemm<T, true>::kSharedBytes : FusedGemm<T, false>::kSharedBytes;
 }
 
 }  // namespace symcomm

@@ -22,5 +22,8 @@ void run_gemm(const GemmCall& c, const GemmHooks& hooks);
 // Loads the kernels that run_gemm<D> launches.
 template <GemmDType D>
 void load_gemm_core();
+// The dynamic shared memory run_gemm<D> launches its kernel with (B stored [n, k] or [k, n]).
+template <GemmDType D>
+int gemm_core_shared_bytes(bool b_k_major);
 
 }  // namespace symcomm
