@@ -1,5 +1,7 @@
 """The built extension: how it links, what it contains, and that its errors are exceptions."""
 
+import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,7 +11,12 @@ import pytest
 from symcomm import runtime
 
 ext = runtime.load_extension()
-SO = Path(ext.__file__)
+SO = Path(ext.__file__)  # the installed copy: the build folder's carries the build's RUNPATH
+
+# What design.md has the extension link dynamically: the NVSHMEM host library by its versioned name; then
+# the C++ runtime, the C library and its dynamic loader. Nothing else: not libcudart (static), not libtorch.
+LOADERS = {"x86_64": "ld-linux-x86-64.so.2", "aarch64": "ld-linux-aarch64.so.1"}
+NEEDED = {"libnvshmem_host.so.3", "libstdc++.so.6", "libgcc_s.so.1", "libc.so.6", LOADERS[platform.machine()]}
 
 
 def readelf(*args: str) -> str:
@@ -17,10 +24,23 @@ def readelf(*args: str) -> str:
     return subprocess.run(["readelf", *args, str(SO)], check=True, capture_output=True, text=True).stdout
 
 
-def test_links_nvshmem_host_dynamically_and_not_libtorch():
-    needed = [line.split("[")[1].rstrip("]") for line in readelf("-d").splitlines() if "(NEEDED)" in line]
-    assert "libnvshmem_host.so.3" in needed
-    assert not [n for n in needed if "torch" in n or n.startswith("libcudart")], needed
+def dynamic_section() -> list[tuple[str, str]]:
+    """(tag, value) of each entry of the dynamic section: ("NEEDED", "libc.so.6"), ("RUNPATH", "a:b")."""
+    return re.findall(r"^\s*0x[0-9a-f]+\s+\((\w+)\)\s+.*?\[(.*)\]$", readelf("-d", "-W"), re.M)
+
+
+@pytest.mark.device_code
+def test_links_exactly_nvshmem_host_and_the_c_and_cpp_runtimes():
+    needed = [value for tag, value in dynamic_section() if tag == "NEEDED"]
+    assert sorted(needed) == sorted(NEEDED)
+
+
+@pytest.mark.device_code
+def test_searches_no_build_folder_nor_the_working_directory():
+    # An empty entry is the current directory to the loader; pip's build folder is gone after the install.
+    entries = [(tag, entry) for tag, value in dynamic_section() if tag in ("RPATH", "RUNPATH")
+               for entry in value.split(":")]
+    assert not [e for e in entries if not e[1] or re.search(r"pip-build-env|/build/", e[1])], entries
 
 
 def test_contains_its_own_nvshmem_device_state_and_exports_none_of_it():
