@@ -4,8 +4,9 @@
     python tests/run.py --gpu only      # just the GPU suites (several PEs share one GPU if needed)
     python tests/run.py --worlds 2 -k all_reduce
 
-Steps: plain `pytest tests/` on the CPU (everything as a world of one, the emulated kernels of
-`-m emu` among it), the emulated kernels again under ThreadSanitizer, then the `dist` tests under
+Steps: the machine code of the installed symcomm._C (`-m device_code`: a skip there is a failure),
+`pytest tests/` on the CPU (everything else as a world of one, the emulated kernels of `-m emu` among it),
+the emulated kernels again under ThreadSanitizer, then the `dist` tests under
 torchrun once per world size on the torch backend with CPU tensors (gloo), then the GPU suites on
 the nvshmem backend on the emulated device (EMULATED_RUNS: one node, the remote path forced, and
 emulated nodes), then, with a GPU, the GPU_SUITES on the nvshmem backend. Each run has a time limit so a hang cannot eat the whole job;
@@ -68,7 +69,9 @@ def count_junit(paths: list[Path]) -> tuple[int, int, int]:
     return states.count("passed"), states.count("failed"), states.count("skipped")
 
 
-def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_dir: Path | None, timeout: float) -> Result:
+def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_dir: Path | None, timeout: float,
+        check=None) -> Result:
+    """Runs one step; check(result) may name what makes it fail beyond its failed tests."""
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.monotonic()
     result = Result(name)
@@ -90,6 +93,8 @@ def run(name: str, cmd: list[str], env: dict[str, str], junit: list[Path], log_d
     # pytest: 0 passed, 1 tests failed, 5 nothing selected; anything else is a crash.
     if proc.returncode not in (0, 1, 5) and not result.crashed:
         result.crashed = f"exit code {proc.returncode}"
+    if check is not None and not result.crashed:
+        result.crashed = check(result)
     if result.ok:
         tail = [line for line in out.splitlines() if line.startswith("symcomm tests:") or " passed" in line]
         print("\n".join(tail[-3:]) if tail else out[-2000:])
@@ -124,10 +129,11 @@ EMULATED_WORKSPACE_BYTES = 3 << 19  # small, so that the GPU suites' largest cas
 
 
 def selection(device: str, dist: bool, files: tuple[str, ...] = GPU_SUITES) -> list[str]:
-    """The paths and marker of a step's pytest run: on the CPU, every file (a world of one: no marker);
-    on the (emulated) GPU, the single-process or `dist` tests of `files` (GPU suites)."""
+    """The paths and marker of a step's pytest run: on the CPU, every file (a world of one: all but the
+    device_code tests, which have a step of their own); on the (emulated) GPU, the single-process or `dist`
+    tests of `files` (GPU suites)."""
     if device == "cpu":
-        return [str(TESTS)] + (["-m", "dist and not gpu"] if dist else [])
+        return [str(TESTS)] + ["-m", "dist and not gpu" if dist else "not device_code"]
     return [str(TESTS / f) for f in files] + ["-m", "dist" if dist else "gpu and not dist"]
 
 
@@ -155,6 +161,20 @@ def single(work: Path, device: str, extra: list[str], timeout: float) -> Result:
     junit = work / f"{name.replace(' ', '-')}.xml"
     cmd = [sys.executable, *pytest_args(selection(device, dist=False), junit, extra)]
     return run(name, cmd, environment(device), [junit], None, timeout)
+
+
+def device_code(work: Path, extra: list[str], timeout: float) -> Result:
+    """The installed symcomm._C read with cuobjdump and nvdisasm (tests/device_code.py). They need no GPU,
+    so nothing excuses a skip: a missing tool or extension fails the step, and so does selecting none."""
+    junit = work / "device-code.xml"
+    cmd = [sys.executable, *pytest_args([str(TESTS), "-m", "device_code"], junit, extra)]
+
+    def every_test_ran(result: Result) -> str:
+        if result.skipped or (result.passed == 0 and not extra):
+            return f"{result.skipped} skipped and {result.passed} passed: every device_code test must run"
+        return ""
+
+    return run("device code", cmd, environment("cpu"), [junit], None, timeout, every_test_ran)
 
 
 def emu_tsan(work: Path, extra: list[str], timeout: float) -> Result:
@@ -220,6 +240,7 @@ def main() -> int:
     results = []
     if args.gpu != "only":
         if not args.no_single:
+            results.append(device_code(work, extra, args.timeout))
             results.append(single(work, "cpu", extra, args.timeout))
             results.append(emu_tsan(work, extra, args.timeout))
         results += [distributed(work, w, "cpu", extra, args.timeout) for w in worlds]
