@@ -228,7 +228,11 @@ void progress() {
   Network* net = g_net;
   if (net == nullptr || net->count.load(std::memory_order_relaxed) == 0) return;
   std::lock_guard<std::mutex> lock(net->mu);
-  net->land_one([](const Op&) { return true; });
+  // Across processes a PE's peers cannot land what it issued, and its own threads may be asleep in a
+  // wait: everything in flight lands here (in a random order still; the single-process mode, where
+  // every PE's scheduling points land one operation each, is where the orders are checked).
+  while (net->land_one([](const Op&) { return true; }) && !net->staged) {
+  }
 }
 
 Stats stats() {

@@ -30,7 +30,7 @@ void quiet(int pe);
 // NVSHMEM's consistency step at the target (its waits, barriers, a kernel boundary): the put data that
 // has landed at `pe` becomes visible to its threads.
 void make_visible(int pe);
-// A scheduling point: one operation in flight, if any, lands.
+// A scheduling point: one operation in flight, if any, lands (across processes: every one).
 void progress();
 
 // What landed since start, for tests: operations, bytes of put and get data, and how many operations
