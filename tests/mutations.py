@@ -8,6 +8,10 @@ in a scratch copy of the sources, and the tests named with it must fail.
   emulated device, built from the (mutated) csrc/: bindings, host side and kernels together; marked
   "emulated rma" or "emulated 2 nodes", as that run of tests/run.py's EMULATED_RUNS (the remote path
   forced; 2 emulated nodes of 2 PEs).
+- Marked "nvcc": the translation units named in place of the tests are compiled from the (mutated) csrc/
+  with nvcc as CMakeLists.txt compiles them, and tests/device_code.py's checks of the compiled orderings
+  and of the GEMM core run on the objects (each unit is first compiled unmutated, where they must pass).
+- Marked "device_code": the tests run in one process on the (mutated) python/, beside the installed _C.
 
     python3 tests/mutations.py            # every mutation; exit 1 if any went unnoticed
     python3 tests/mutations.py -k owner   # those whose name contains "owner"
@@ -16,8 +20,10 @@ in a scratch copy of the sources, and the tests named with it must fail.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import device_code
 import emu_harness
 from run import EMULATED_RUNS, EMULATED_WORKSPACE_BYTES
 
@@ -32,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name: (file, the exact text, what it becomes, the tests that must notice[, "tsan": under
 # ThreadSanitizer, for orderings that the emulation's x86 host would otherwise forgive; "emulated": the
-# GPU suites on the emulated device, "emulated rma" / "emulated 2 nodes" as those EMULATED_RUNS])
+# GPU suites on the emulated device, "emulated rma" / "emulated 2 nodes" as those EMULATED_RUNS; "nvcc":
+# in place of the tests, the translation units whose machine code must show it; "device_code": the tests
+# in one process])
 MUTATIONS = {
     "two-shot without its middle barrier": (
         "csrc/collectives/collectives.cu", "  s.meet(peers);  // every share is reduced\n", "",
@@ -223,7 +232,78 @@ MUTATIONS = {
     "MoE counts sized for the PEs a load/store kernel reads, not for every PE": (
         "csrc/core/workspace.cuh", "kMoeCountsBytes = sizeof(int) * kMaxPes * kMaxExperts",
         "kMoeCountsBytes = sizeof(int) * kMaxPeers * kMaxExperts", "test_emu_moe.py -k pe_limit"),
+    # The machine code: the orderings as compiled, and the fused GEMM's core.
+    "an acquire that is a relaxed load": (
+        "csrc/core/memory.cuh", "ld.acquire.sys.global.u64", "ld.relaxed.sys.global.u64",
+        "csrc/collectives/collectives.cu", "nvcc"),
+    "a release that is a relaxed store": (
+        "csrc/core/memory.cuh", "st.release.sys.global.u64", "st.relaxed.sys.global.u64",
+        "csrc/collectives/collectives.cu", "nvcc"),
+    "a wait that polls with a plain load": (
+        "csrc/core/wait.cuh", "while ((seen = load_acquire_sys(flag)) < target)", "while ((seen = *flag) < target)",
+        "csrc/collectives/collectives.cu", "nvcc"),
+    "the GEMM core's TMA loads a band without the proxy fence": (
+        "csrc/gemm/wgmma/gemm_core.cuh", '      asm volatile("fence.proxy.async.global;" ::: "memory");\n', "",
+        "csrc/gemm/wgmma/bf16.cu", "nvcc"),
+    "the GEMM core's band wait prints on timeout (a call: ptxas serializes the wgmma)": (
+        "csrc/gemm/wgmma/gemm_core.cuh", "if (global_timer_ns() - start > params.timeout_ns) __trap();",
+        'if (global_timer_ns() - start > params.timeout_ns) { printf("band %p\\n", band); __trap(); }',
+        "csrc/gemm/wgmma/bf16.cu", "nvcc"),
+    "the fused GEMM's comm kernel takes blocks beyond its PE's SMs": (
+        "python/symcomm/gemm.py", "round(runtime.sm_count() * share)", "runtime.load_extension().max_blocks",
+        "test_device_code.py -k resident", "device_code"),
 }
+
+# CMakeLists.txt's device compilation: pyproject's Release build type (CMake's CUDA Release flags), then
+# the target's options; the GEMM core (csrc/gemm/wgmma/) whole-program, everything else relocatable.
+CMAKE_RELEASE = ["-O3", "-DNDEBUG"]
+
+
+def _cmake_flags(unit: str) -> list[str]:
+    """nvcc's flags for a translation unit of csrc/, as CMakeLists.txt sets them."""
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    options = re.search(r"set\(cuda_options ([^)]*)\)", cmake)[1].split()
+    core = unit.startswith("csrc/gemm/wgmma/")
+    archs = re.search(r"^\s+CUDA_ARCHITECTURES (\S+)$" if core else r"set\(CMAKE_CUDA_ARCHITECTURES ([^)]*)\)", cmake,
+                      re.M)[1]
+    codes = []
+    for arch in archs.split():
+        name, kind = arch.split("-")
+        codes.append(f"--generate-code=arch=compute_{name},code=[{'compute' if kind == 'virtual' else 'sm'}_{name}]")
+    if core:
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None:
+            raise SystemExit("the GEMM core's mutations need CUTLASS's headers: pip install --no-deps "
+                             "nvidia-cutlass==4.2.0.0 (the build's pin in pyproject.toml)")
+        return [*CMAKE_RELEASE, *codes, *options, f"-I{list(spec.submodule_search_locations)[0]}/source/include"]
+    nvshmem = list(importlib.util.find_spec("nvidia.nvshmem").submodule_search_locations)[0]
+    return [*CMAKE_RELEASE, *codes, "-rdc=true", *options, f"-I{nvshmem}/include"]
+
+
+def _compiled(csrc: Path, unit: str, out: Path) -> Path:
+    """The object nvcc makes of csrc/<unit> (the unit's path below csrc/'s parent)."""
+    obj = out / (unit.replace("/", "_") + ".o")
+    cmd = ["nvcc", *_cmake_flags(unit), f"-I{csrc}", "-x", "cu", "-c", str(csrc.parent / unit), "-o", str(obj)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"nvcc failed on {unit}:\n{done.stderr[-3000:]}")
+    return obj
+
+
+def _machine_code_problems(csrc: Path, units: list[str], out: Path) -> list[str]:
+    problems = []
+    for unit in units:
+        img = device_code.image(_compiled(csrc, unit, out))
+        problems += device_code.ordering_problems(img) + device_code.spill_problems(img)
+    return problems
+
+
+@functools.cache
+def _unmutated_passes(unit: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="symcomm-unmutated-") as tmp:
+        problems = _machine_code_problems(ROOT / "csrc", [unit], Path(tmp))
+    if problems:
+        raise SystemExit(f"the machine-code checks fail on the unmutated {unit}:\n" + "\n".join(problems))
 
 
 def _installed_extension() -> Path | None:
@@ -263,6 +343,13 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
         if extension is not None:
             shutil.copy(extension, copy / "symcomm")
         env["PYTHONPATH"] = str(copy)
+    if variant == ["nvcc"]:
+        start = time.monotonic()
+        for unit in tests.split():
+            _unmutated_passes(unit)
+        with tempfile.TemporaryDirectory(dir=scratch) as out:
+            problems = _machine_code_problems(copy, tests.split(), Path(out))
+        return bool(problems), time.monotonic() - start, (problems or ["no problem found"])[0][:300]
     if variant and variant[0].startswith("emulated"):
         module = emu_harness.builder(copy if path.startswith("csrc/") else ROOT / "csrc").build("plain")
         env.update(SYMCOMM_EMU_MODULE=str(module), SYMCOMM_TEST_BACKEND="nvshmem",
@@ -276,6 +363,8 @@ def run_one(name: str, scratch: Path) -> tuple[bool, float, str]:
             python = str(emu_harness.builder(copy).tsan_python())
             env.update(SYMCOMM_EMU_VARIANT="tsan", OPENBLAS_NUM_THREADS="1", TSAN_OPTIONS="halt_on_error=1 exitcode=66")
         cmd = [python, "-m", "pytest", "--noconftest", *args]
+    elif variant == ["device_code"]:
+        cmd = [python, "-m", "pytest", *args]
     else:
         env.update(SYMCOMM_TEST_BACKEND="torch", CUDA_VISIBLE_DEVICES="")
         cmd = torchrun
