@@ -113,7 +113,8 @@ class Kernel:
     dynamic_shared: int = 0
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][\w.]*)\s*(.*?)\s*;(.*)$")
+# offset, predicate, opcode, operands, the compiler's annotation (SpillRefill), ";"
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P\w+)\s+)?([A-Z][\w.]*)\s*(.*?)\s*(\(\*.*\*\))?\s*;")
 _SOURCE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 
 
@@ -148,7 +149,8 @@ def parse_sass(text: str) -> tuple[str, dict[str, Function]]:
         elif m := re.match(r"^(\.L_x_\d+):", line):
             fn.labels[m[1]] = len(fn.code)
         elif m := _INSTR.match(line):
-            fn.code.append(Instr(int(m[1], 16), m[2] or "", m[3], split_args(m[4]), source, "SpillRefill" in m[5]))
+            fn.code.append(Instr(int(m[1], 16), m[2] or "", m[3], split_args(m[4]), source,
+                                 "SpillRefill" in (m[5] or "")))
     return arch, functions
 
 
