@@ -293,8 +293,7 @@ def _compiled(csrc: Path, unit: str, out: Path) -> Path:
 def _machine_code_problems(csrc: Path, units: list[str], out: Path) -> list[str]:
     problems = []
     for unit in units:
-        img = device_code.image(_compiled(csrc, unit, out))
-        problems += device_code.ordering_problems(img) + device_code.spill_problems(img)
+        problems += device_code.ordering_problems(device_code.image(_compiled(csrc, unit, out)))
     return problems
 
 
