@@ -323,9 +323,8 @@ def resource_table(img: Image) -> str:
         "",
     ]
     for arch in sorted({k.arch for k in img.kernels}):
-        lines += [f"## {arch}", "",
-                  "| kernel | threads | registers | stack | local ld/st | spill | shared | dynamic shared | blocks/SM |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"## {arch}", "", "| kernel | threads | registers | stack | local ld/st | spill | shared | "
+                  "dynamic shared | blocks/SM |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for k in (k for k in img.kernels if k.arch == arch):
             fits = blocks_per_sm(k)
             occupancy = "no limits recorded for this arch" if fits is None else f"{fits[0]} ({fits[1]})"
