@@ -18,6 +18,9 @@ namespace symcomm {
 namespace {
 
 constexpr int kThreads = 512;
+// The push kernels' reduction holds up to kMaxPeers rows' vectors and their pointers per thread: at 512
+// threads' 128 registers it spills on sm_100a.
+constexpr int kPushThreads = 256;
 
 // Everything a collective kernel needs; sizes here are in elements of the kernel's type.
 struct Args {
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Args a) {
 // dst. The closing barrier keeps a member's next call out of the inbox until then. T is the element
 // type when reducing, bytes (16-byte units) when copying.
 template <typename T, int N, bool Reduce>
-__global__ void __launch_bounds__(kThreads) push_kernel(Args a) {
+__global__ void __launch_bounds__(kPushThreads) push_kernel(Args a) {
   const Team t = a.team;
   Session s = Session::resume(a.ws, t, a.mine, /*rma=*/true);
   const int me = nvshmem_my_pe(), my_index = t.index(me);
@@ -262,7 +265,8 @@ Args make_args(const CollectiveCall& c, std::int64_t itemsize, bool push = false
 // The N-wide kernel when the call allows 16-byte vectors, the scalar one otherwise.
 void launch_typed(const CollectiveCall& c, std::int64_t itemsize, void (*vec)(Args), void (*scalar)(Args),
                   bool push = false) {
-  launch(c.vec16 ? vec : scalar, grid_for(c.len, kThreads), kThreads, 0, c.stream, make_args(c, itemsize, push));
+  const int threads = push ? kPushThreads : kThreads;
+  launch(c.vec16 ? vec : scalar, grid_for(c.len, threads), threads, 0, c.stream, make_args(c, itemsize, push));
 }
 
 }  // namespace
@@ -294,7 +298,7 @@ void push_reduce(const CollectiveCall& c) {
 }
 
 void push_gather(const CollectiveCall& c) {
-  launch(push_kernel<unsigned char, 1, false>, grid_for(c.len, kThreads), kThreads, 0, c.stream,
+  launch(push_kernel<unsigned char, 1, false>, grid_for(c.len, kPushThreads), kPushThreads, 0, c.stream,
          make_args(c, 1, /*push=*/true));
 }
 
