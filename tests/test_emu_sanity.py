@@ -13,17 +13,20 @@ pytestmark = pytest.mark.emu
 
 @pytest.mark.parametrize("npes", [1, 2, 3, 4])
 def test_ring_put_signal(npes):
+    """One call, then calls back to back with no host synchronisation between them: a call's signal
+    must not land after the next call's, which would take the flag back."""
     nbytes = 1000
     rng = np.random.default_rng(npes)
     with H.world(npes) as w:
         dst, signal = w.alloc(nbytes), w.alloc(8)
         data = [rng.integers(0, 256, size=nbytes, dtype=np.uint8) for _ in range(npes)]
-        for epoch in (1, 2):
-            for pe in range(npes):
-                src, host = w.private(nbytes)
-                host[:] = data[pe] ^ epoch
-                w.on_pe(pe)
-                w.ext.ring_put_signal(w.base(pe) + dst, src, nbytes, w.base(pe) + signal, epoch, 0)
+        for epochs in ([1], range(2, 12)):
+            for epoch in epochs:
+                for pe in range(npes):
+                    src, host = w.private(nbytes)
+                    host[:] = data[pe] ^ epoch
+                    w.on_pe(pe)
+                    w.ext.ring_put_signal(w.base(pe) + dst, src, nbytes, w.base(pe) + signal, epoch, 0)
             w.check()
             for pe in range(npes):
                 np.testing.assert_array_equal(w.view(pe, dst, np.uint8, nbytes), data[(pe - 1) % npes] ^ epoch)

@@ -190,7 +190,9 @@ __global__ void __launch_bounds__(kPushThreads) push_kernel(Args a) {
   const std::int64_t from = lo * sizeof(T), bytes = (hi - lo) * sizeof(T);
   const std::uint64_t seq = ++s.seq;
   std::uint64_t* flag = &a.ws.slot(blockIdx.x, me)->flag;
-  fence_block();  // after the previous call's closing signals on the same flags
+  // No fence before these signals: our previous closing signal on the same flag may land after this one
+  // and take the flag back, but a member still waiting for this one is then released by our closing
+  // signal, which waits for nothing of theirs and is fenced after all of our data.
   for (int q = 0; q < t.size; ++q) {
     const int pe = t.pe(q);
     if (bytes > 0)

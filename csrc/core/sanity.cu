@@ -26,7 +26,8 @@ __global__ void ring_put_signal_kernel(RingPutArgs a) {
   const int right = (me + 1) % n;
   const int left = (me + n - 1) % n;
   // The signal is delivered after the data, so a receiver that sees `epoch` sees the whole message; the
-  // fence keeps the previous call's signal from landing after this one's.
+  // fence keeps the previous call's signal from landing after this one's and taking the flag back (no
+  // later signal would release the receiver).
   fence_block();
   nvshmemx_putmem_signal_block(a.dst, a.src, a.bytes, a.signal, a.epoch, NVSHMEM_SIGNAL_SET, right);
   if (threadIdx.x == 0) wait_signal(a.signal, a.epoch, "ring put signal", left);

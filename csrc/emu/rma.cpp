@@ -27,6 +27,14 @@ namespace {
 
 // A put lands in at most this many pieces.
 constexpr std::size_t kPieces = 4;
+// In one process, an operation may not land before a delay drawn up to this: long enough to be
+// overtaken by one issued in a later kernel (an emulated launch takes about a tenth of it).
+constexpr std::uint64_t kMostDelayNs = 2'000'000;
+
+std::uint64_t now_ns() {
+  return static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
 
 struct Op {
   std::uint64_t id;
@@ -34,6 +42,7 @@ struct Op {
   std::uint64_t epoch;  // the issuer's fences so far
   std::uint64_t group;  // a put's pieces share one
   std::uint64_t after;  // a group that must land first, or 0
+  std::uint64_t ready;  // not before (steady clock, ns)
   std::function<void()> land;
 };
 
@@ -62,14 +71,15 @@ struct Network {
 
   std::uint64_t route(int from, int to) const { return static_cast<std::uint64_t>(from) * npes + to; }
 
-  bool may_land(const Op& op) const {
+  bool may_land(const Op& op, std::uint64_t now) const {
+    if (op.ready > now) return false;
     if (*route_epochs.at(route(op.from, op.to)).begin() < op.epoch) return false;
     return op.after == 0 || group_left.count(op.after) == 0;
   }
 
-  void add(Op op) {
-    op.id = next_id++;
-    op.epoch = epochs[op.from];
+  void add(int from, int to, std::uint64_t group, std::uint64_t after, std::function<void()> land) {
+    Op op{next_id++, from, to, epochs[from], group, after, staged ? now_ns() + rng() % kMostDelayNs : 0,
+          std::move(land)};
     route_epochs[route(op.from, op.to)].insert(op.epoch);
     if (op.group) ++group_left[op.group];
     issued[op.from].insert(op.id);
@@ -92,15 +102,16 @@ struct Network {
     op.land();
   }
 
-  // Lands one operation that may land now, picked at random among those `which` accepts; false if none.
+  // Lands one operation that may land at `now`, picked at random among those `which` accepts; false if
+  // none. `now` past every delay: as soon as the order allows (a quiet).
   template <typename Which>
-  bool land_one(Which which) {
+  bool land_one(Which which, std::uint64_t now = ~0ull) {
     const std::size_t n = flight.size();
     if (n == 0) return false;
     const std::size_t first = rng() % n;
     for (std::size_t i = 0; i < n; ++i) {
       const std::size_t k = (first + i) % n;
-      if (which(flight[k]) && may_land(flight[k])) {
+      if (which(flight[k]) && may_land(flight[k], now)) {
         land(k);
         return true;
       }
@@ -122,14 +133,13 @@ struct Network {
     invisible[pe].clear();
   }
 
-  // Every operation in flight once the previous tick passed lands by the next: NVSHMEM delivers
-  // without being waited for.
+  // NVSHMEM delivers without being waited for: every tick, what may land does.
   void run() {
     std::unique_lock<std::mutex> lock(mu);
     while (!stopping) {
-      const std::uint64_t before = next_id;
-      cv.wait_for(lock, std::chrono::milliseconds(1));
-      while (land_one([&](const Op& op) { return op.id < before; })) {
+      cv.wait_for(lock, std::chrono::microseconds(250));
+      const std::uint64_t now = now_ns();
+      while (land_one([](const Op&) { return true; }, now)) {
       }
     }
   }
@@ -176,9 +186,9 @@ std::uint64_t put(int from, int to, char* dst, const char* src, std::size_t byte
   const std::size_t piece = std::max<std::size_t>(16, (bytes + kPieces - 1) / kPieces / 16 * 16);
   for (std::size_t lo = 0; lo < bytes; lo += piece) {
     const std::size_t n = std::min(piece, bytes - lo);
-    net.add(Op{0, from, to, 0, group, 0, [&net, to, d = dst + lo, s = src + lo, n, copy, lo] {
-                 net.write(to, d, copy ? copy->data() + lo : s, n);
-               }});
+    net.add(from, to, group, 0, [&net, to, d = dst + lo, s = src + lo, n, copy, lo] {
+      net.write(to, d, copy ? copy->data() + lo : s, n);
+    });
   }
   return group;
 }
@@ -187,22 +197,22 @@ void get(int from, int from_pe, char* dst, const char* src, std::size_t bytes) {
   Network& net = *g_net;
   std::lock_guard<std::mutex> lock(net.mu);
   // A get reads the peer's memory, where landed data already is, and completes only at a quiet.
-  net.add(Op{0, from, from_pe, 0, 0, 0, [&net, from_pe, dst, src, bytes] {
-               net.show(from_pe);
-               net.stats.bytes += bytes;
-               std::memcpy(dst, src, bytes);
-             }});
+  net.add(from, from_pe, 0, 0, [&net, from_pe, dst, src, bytes] {
+    net.show(from_pe);
+    net.stats.bytes += bytes;
+    std::memcpy(dst, src, bytes);
+  });
 }
 
 void signal(int from, int to, std::uint64_t* sig, std::uint64_t value, bool add, std::uint64_t after) {
   Network& net = *g_net;
   std::lock_guard<std::mutex> lock(net.mu);
-  net.add(Op{0, from, to, 0, 0, after, [sig, value, add] {
-               if (add)
-                 __atomic_fetch_add(sig, value, __ATOMIC_RELEASE);
-               else
-                 __atomic_store_n(sig, value, __ATOMIC_RELEASE);
-             }});
+  net.add(from, to, 0, after, [sig, value, add] {
+    if (add)
+      __atomic_fetch_add(sig, value, __ATOMIC_RELEASE);
+    else
+      __atomic_store_n(sig, value, __ATOMIC_RELEASE);
+  });
 }
 
 void fence(int pe) {
@@ -229,9 +239,14 @@ void progress() {
   if (net == nullptr || net->count.load(std::memory_order_relaxed) == 0) return;
   std::lock_guard<std::mutex> lock(net->mu);
   // Across processes a PE's peers cannot land what it issued, and its own threads may be asleep in a
-  // wait: everything in flight lands here (in a random order still; the single-process mode, where
-  // every PE's scheduling points land one operation each, is where the orders are checked).
-  while (net->land_one([](const Op&) { return true; }) && !net->staged) {
+  // wait: everything in flight that may land does here (in a random order still). In one process, where
+  // every PE's scheduling points land operations, each lands one: that is where the orders are checked.
+  const std::uint64_t now = now_ns();
+  if (!net->staged) {
+    while (net->land_one([](const Op&) { return true; }, now)) {
+    }
+  } else {
+    net->land_one([](const Op&) { return true; }, now);
   }
 }
 

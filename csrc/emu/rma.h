@@ -1,6 +1,7 @@
 #pragma once
-// NVSHMEM's delivery order over the emulated PEs: puts, gets and signal operations land later, in an
-// order that the chaos seed picks among those NVSHMEM allows, and no better (docs/emulation.md,
+// NVSHMEM's delivery order over the emulated PEs: puts, gets and signal operations land later (in one
+// process, after a random delay of up to 2 ms), in an order that the chaos seed picks among those
+// NVSHMEM allows, and no better (docs/emulation.md,
 // "Delivery order"). The NVSHMEM calls of csrc/emu/runtime.cpp issue them; the scheduling points of
 // the emulated threads, a worker, the issuer's quiet and the end of the device make them land.
 #include <cstddef>
@@ -30,7 +31,7 @@ void quiet(int pe);
 // NVSHMEM's consistency step at the target (its waits, barriers, a kernel boundary): the put data that
 // has landed at `pe` becomes visible to its threads.
 void make_visible(int pe);
-// A scheduling point: one operation in flight, if any, lands (across processes: every one).
+// A scheduling point: an operation in flight whose delay has passed lands (across processes: every one).
 void progress();
 
 // What landed since start, for tests: operations, bytes of put and get data, and how many operations
