@@ -28,6 +28,16 @@ def test_the_kernels_are_read_for_hopper(built):
     assert {dc.role(k) for k in hopper} >= {"peers", "fused", "none"}, [k.name for k in hopper]
 
 
+def test_machine_code_for_hopper_and_blackwell_and_no_ptx(built):
+    """The device link of relocatable code keeps no PTX, so a GPU runs only the machine code that is here:
+    every kernel for sm_90a and sm_100a, but the fused GEMM's core (wgmma) for sm_90a alone."""
+    by_arch = {arch: {k.name for k in built.kernels if k.arch == arch} for arch in ("sm_90a", "sm_100a")}
+    assert {k.arch for k in built.kernels} == set(by_arch)
+    assert {n.split("<")[0] for n in by_arch["sm_90a"] - by_arch["sm_100a"]} == {"GemmUniversal"}
+    assert not by_arch["sm_100a"] - by_arch["sm_90a"]
+    assert dc.run_tool("cuobjdump", "--list-ptx", str(built.path)).strip() == ""
+
+
 def test_no_kernel_spills(built):
     assert not dc.spill_problems(built)
 
