@@ -364,9 +364,8 @@ def co_residency_problems(kernels: list[Kernel], sms: int, pes: int, percents: l
     """Why blocks that wait for each other could not all be resident on a GPU of `sms` SMs shared by
     `pes` PEs under MPS at `percents`, with the grids the host gives them; [] if they can. The host's
     choices: runtime._sm_share (a PE's SMs), the cap it sets on every collective and MoE grid
-    (runtime._start_nvshmem: set_max_blocks; core/launch.cuh's grid_for never exceeds it), and the fused
-    GEMM's split (gemm._comm_blocks for the comm kernel, the SMs left for the persistent GEMM: gemm.fused,
-    which tests/test_gemm_plan.py holds to it).
+    (runtime.blocks_cap; core/launch.cuh's grid_for never exceeds it), and the fused GEMM's split
+    (gemm._comm_blocks for the comm kernel, gemm._gemm_sms for the persistent GEMM).
 
     Sufficient conditions, per PE (whose SMs MPS is assumed to report as the GPU's times its percentage,
     rounded down: not checked on a GPU):
@@ -389,13 +388,13 @@ def co_residency_problems(kernels: list[Kernel], sms: int, pes: int, percents: l
         share, why = runtime._sm_share(seen, pes, {runtime.MPS_PERCENTAGE: str(percent)}, "100")
         shares.append(share)
         where = f"PE {pe} of {pes} at {runtime.MPS_PERCENTAGE}={percent} ({seen} SMs seen, {share} used: {why})"
-        cap = min(share, ext.max_blocks)
+        cap = runtime.blocks_cap(share, ext.max_blocks)
         for k, fits in sized:
             if fits is not None and role(k) == "peers" and cap > share * fits[0]:
                 problems.append(f"{k.name} ({k.arch}): {cap} blocks at {fits[0]} per SM ({fits[1]}) need "
                                 f"{-(-cap // max(fits[0], 1))} SMs; {where}")
         comm = _with_sm_count(runtime, share, gemm._comm_blocks)
-        core = max(1, share - comm)
+        core = _with_sm_count(runtime, share, lambda: gemm._gemm_sms(world=2))  # a job of 2 or more ranks
         for k, fits in sized:
             if fits is not None and role(k) == "fused" and fits[0] < 1:
                 problems.append(f"{k.name} ({k.arch}): not one block fits an SM ({fits[1]}); {where}")

@@ -218,6 +218,11 @@ def _comm_blocks() -> int:
     return max(2, min(runtime.load_extension().max_blocks, round(runtime.sm_count() * share)))
 
 
+def _gemm_sms(world: int) -> int:
+    """SMs the fused ops' persistent GEMM runs on: this rank's, less the comm kernel's where there is one."""
+    return max(1, runtime.sm_count() - (_comm_blocks() if world > 1 else 0))
+
+
 def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     ctx = collectives._context()
     world, rank = ctx.world, ctx.rank
@@ -231,8 +236,7 @@ def fused(op: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None =
                       dtype=a.dtype, device=a.device)
     if bias is not None and (not bias.is_contiguous() or bias.data_ptr() % 16):
         bias = _aligned_copy(bias)
-    blocks = _comm_blocks()
-    sms = max(1, runtime.sm_count() - (blocks if world > 1 else 0))
+    blocks, sms = _comm_blocks(), _gemm_sms(world)
     data = ctx.data - ctx.workspace  # the data area's offset in the workspace
 
     def gemm(stream, rows, a_ptr, lda, d_ptr, batches=1, a_batch=0, d_batch=0, bias_ptr=0, tag=False, wait=False,

@@ -305,9 +305,14 @@ def _start_nvshmem(state: _State, workspace_bytes: int) -> None:
     dist.barrier()
     _learn_topology(state, ext)
     state.sms = EMULATED_SMS if emulated() else _agreed_sm_share(state)
-    # Blocks per collective kernel: no more than our SMs, whose sum over the ranks on a GPU fits in it,
-    # so that the blocks of every rank can run at once (their barriers wait for each other).
-    ext.set_max_blocks(min(state.sms, ext.max_blocks))
+    ext.set_max_blocks(blocks_cap(state.sms, ext.max_blocks))
+
+
+def blocks_cap(sms: int, most: int) -> int:
+    """Blocks per collective and MoE kernel: no more than this rank's SMs, whose sum over the ranks on a
+    GPU fits in it, so that the blocks of every rank can run at once (their barriers wait for each other);
+    and no more than the kernels' flags allow (`most`)."""
+    return min(sms, most)
 
 
 def _pes_per_node() -> int | None:
