@@ -39,6 +39,40 @@ def test_all_reduce(world, gen, shape, dtype):
     assert torch.equal(x, keep), "all_reduce changed its input"
 
 
+def rms_norm_check(xs, residual, weight, eps, dtype):
+    """Checks all_reduce_rms_norm's (normed, h): h against the float64 sum of every rank's x (plus the
+    residual, one more rounding), and normed against the float64 norm of the h it returned, within the
+    norm's roundings (the variance over the last dimension in float32 at least, two roundings to dtype)."""
+    ref_h, scale_h = sum_ref(xs)
+    if residual is not None:
+        ref_h = ref_h + residual.double()
+        scale_h = scale_h + ref_h.abs()
+
+    def check(out):
+        normed, h = out
+        assert normed.dtype == h.dtype == dtype
+        assert_close(h, ref_h, scale_h, dtype=dtype)
+        wide = h.double()
+        ref = weight.double() * wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        acc = torch.promote_types(dtype, torch.float32)
+        roundings = 2 + (h.shape[-1] + 4) * torch.finfo(acc).eps / torch.finfo(dtype).eps
+        assert_close(normed, ref, roundings * ref.abs(), dtype=dtype)
+
+    return check
+
+
+@pytest.mark.parametrize("dtype", REDUCE)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "no-residual"])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 64), (2, 3, 16)])
+def test_all_reduce_rms_norm(world, gen, shape, with_residual, dtype):
+    xs, x = inputs(world, gen, shape, dtype)
+    residual = every_rank(gen, 1, shape, dtype, world.device)[0] if with_residual else None
+    weight = every_rank(gen, 1, shape[-1:], dtype, world.device)[0]
+    keep = x.clone()
+    rms_norm_check(xs, residual, weight, 1e-6, dtype)(ops.all_reduce_rms_norm(x, residual, weight, 1e-6))
+    assert torch.equal(x, keep), "all_reduce_rms_norm changed its input"
+
+
 @pytest.mark.parametrize("dtype", REDUCE + MOVE_ONLY)
 @pytest.mark.parametrize("shape, dim", [((5,), 0), ((3, 4), 1), ((3, 4), -2), ((2, 3, 5), 1), ((2, 3, 5), 2)])
 def test_all_gather(world, gen, shape, dim, dtype):
@@ -112,6 +146,13 @@ MOE_EXPERTS, MOE_HIDDEN, MOE_MAX_TOKENS = 8, 16, 4  # rows of 16 bf16 are the 32
 def all_reduce_case(world, gen, sym, size):
     xs = every_rank(gen, world.world_size, (4, size), F32, world.device)
     return [(x,) for x in xs], lambda out: assert_close(out, *sum_ref(xs), dtype=F32)
+
+
+def all_reduce_rms_norm_case(world, gen, sym, size):
+    xs = every_rank(gen, world.world_size, (4, size), F32, world.device)
+    residual = every_rank(gen, 1, (4, size), F32, world.device)[0]
+    weight = every_rank(gen, 1, (size,), F32, world.device)[0]
+    return [(x, residual, weight, 1e-6) for x in xs], rms_norm_check(xs, residual, weight, 1e-6, F32)
 
 
 def all_gather_case(world, gen, sym, size):
@@ -210,7 +251,7 @@ def moe_combine_case(world, gen, sym, size, tokens=None):
 
 
 CASES = {case.__name__.removesuffix("_case"): case for case in (
-    all_reduce_case, all_gather_case, reduce_scatter_case, all_to_all_case, gemm_all_reduce_case,
+    all_reduce_case, all_reduce_rms_norm_case, all_gather_case, reduce_scatter_case, all_to_all_case, gemm_all_reduce_case,
     gemm_reduce_scatter_case, all_gather_gemm_case, moe_dispatch_case, moe_combine_case)}
 MOE_OPS = ("moe_dispatch", "moe_combine")
 
@@ -258,6 +299,8 @@ def op_cases(world, gen):
     bias = torch.randn(5, generator=gen).to(world.device)
     return [
         (ops.all_reduce, (x,)),
+        (ops.all_reduce_rms_norm, (x, a[:, :3], bias[:3], 1e-6)),
+        (ops.all_reduce_rms_norm, (x, None, bias[:3], 1e-6)),
         (ops.all_gather, (x, 1)),
         (ops.reduce_scatter, (x, 0)),
         (ops.all_to_all, (x,)),
@@ -273,17 +316,26 @@ def test_opcheck(world, gen):
 
 
 def test_torch_compile_matches_eager(world, gen):
-    torch._dynamo.reset()
     for op, args in op_cases(world, gen):
-        compiled = torch.compile(lambda *a, op=op: op(*a) * 2, backend="aot_eager", fullgraph=True)
-        eager = op(*args) * 2
-        torch.testing.assert_close(compiled(*args), eager)
+        torch._dynamo.reset()  # the lambda below is one code object: compiled afresh for each op
+        twice = lambda *a, op=op: torch.stack(op(*a)) * 2 if op is ops.all_reduce_rms_norm else op(*a) * 2
+        compiled = torch.compile(twice, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(*args), twice(*args))
 
 
 BAD_CALLS = [
     (lambda x: ops.all_reduce(x.int()), TypeError, r"all_reduce: x has dtype torch.int32; expected one of"),
     (lambda x: ops.all_reduce(x.to("meta")), ValueError, r"all_reduce: x must be on .* got meta"),
     (lambda x: ops.all_reduce(x.tolist()), RuntimeError, r"Expected a value of type 'Tensor' for argument 'x'"),
+    (lambda x: ops.all_reduce_rms_norm(x, None, x[0, :3], 1e-6), ValueError,
+     r"all_reduce_rms_norm: weight has 3 elements, expected x.shape\[-1\]=5"),
+    (lambda x: ops.all_reduce_rms_norm(x, None, x, 1e-6), ValueError, r"all_reduce_rms_norm: weight must be 1-D"),
+    (lambda x: ops.all_reduce_rms_norm(x, x[:2], x[0], 1e-6), ValueError,
+     r"all_reduce_rms_norm: residual must have x's shape \(3, 5\), got \(2, 5\)"),
+    (lambda x: ops.all_reduce_rms_norm(x, x.double(), x[0], 1e-6), TypeError,
+     r"all_reduce_rms_norm: residual has dtype torch.float64; expected one of float32"),
+    (lambda x: ops.all_reduce_rms_norm(x, None, x[0], 0.0), ValueError,
+     r"all_reduce_rms_norm: eps must be a positive finite float, got 0.0"),
     (lambda x: ops.all_gather(x, 2), ValueError, r"all_gather: dim 2 is out of range for x of shape"),
     (lambda x: ops.all_gather(x[0, 0], 0), ValueError, r"all_gather: x must have at least one dimension"),
     (lambda x: ops.reduce_scatter(x.to(torch.float8_e4m3fn), 0), TypeError, r"reduce_scatter: x has dtype"),

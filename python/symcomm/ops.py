@@ -49,6 +49,8 @@ class Op:
     nvshmem_impl: Callable[..., torch.Tensor] | None = None
     # The output's dtype when it is not the first argument's.
     out_dtype: torch.dtype | None = None
+    # How many outputs of that shape and dtype the op returns (as a tuple when more than one).
+    outputs: int = 1
     # What must be equal on every rank (checked with SYMCOMM_DEBUG=1); by default every argument.
     signature: Callable[..., tuple] = _signature
     # Checks of tensor values (not just shapes): run where the values are on the host anyway (CPU
@@ -110,6 +112,23 @@ def all_reduce_shape(x, algorithm="auto") -> tuple[int, ...]:
     check_tensor("all_reduce", "x", x, REDUCE_DTYPES)
     if algorithm not in collectives.ALGORITHMS:
         raise ValueError(f"all_reduce: algorithm must be one of {collectives.ALGORITHMS}, got {algorithm!r}")
+    return tuple(x.shape)
+
+
+def all_reduce_rms_norm_shape(x, residual, weight, eps) -> tuple[int, ...]:
+    op = "all_reduce_rms_norm"
+    check_tensor(op, "x", x, REDUCE_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension (normalised over the last), got a scalar")
+    if residual is not None:
+        check_tensor(op, "residual", residual, (x.dtype,))
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    check_tensor(op, "weight", weight, (x.dtype,), ndim=1)
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: weight has {weight.shape[0]} elements, expected x.shape[-1]={x.shape[-1]}")
+    if not (isinstance(eps, float) and 0 < eps < float("inf")):
+        raise ValueError(f"{op}: eps must be a positive finite float, got {eps!r}")
     return tuple(x.shape)
 
 
@@ -265,6 +284,23 @@ def torch_all_reduce(x: torch.Tensor, algorithm: str = "auto") -> torch.Tensor:
     return _unwire(y, x)
 
 
+def add_rms_norm(s: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """(rms_norm(h) * weight, h) for h = s + residual (or s): over the last dimension, the variance in
+    float32 at least, as Hugging Face's LlamaRMSNorm computes it."""
+    h = s if residual is None else s + residual
+    wide = h.to(torch.promote_types(h.dtype, torch.float32))
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(h.dtype), h
+
+
+def torch_all_reduce_rms_norm(x, residual, weight, eps):
+    return add_rms_norm(torch_all_reduce(x), residual, weight, eps)
+
+
+def nvshmem_all_reduce_rms_norm(x, residual, weight, eps):
+    return add_rms_norm(collectives.all_reduce(x), residual, weight, eps)
+
+
 def torch_all_gather(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     d = dim % x.dim()
     y = _wire(x)
@@ -398,6 +434,8 @@ nvshmem_gemm_all_reduce, nvshmem_gemm_reduce_scatter, nvshmem_all_gather_gemm = 
 OPS = (
     Op("all_reduce(Tensor x, str algorithm='auto') -> Tensor", all_reduce_shape, torch_all_reduce,
        collectives.all_reduce),
+    Op("all_reduce_rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor)",
+       all_reduce_rms_norm_shape, torch_all_reduce_rms_norm, nvshmem_all_reduce_rms_norm, outputs=2),
     Op("all_gather(Tensor x, int dim=0) -> Tensor", all_gather_shape, torch_all_gather, collectives.all_gather),
     Op("reduce_scatter(Tensor x, int dim=0) -> Tensor", reduce_scatter_shape, torch_reduce_scatter,
        collectives.reduce_scatter),
@@ -451,7 +489,9 @@ def _register(op: Op) -> None:
     lib.define(op.schema)
 
     def fake(*args):
-        return args[0].new_empty(op.out_shape(*args), dtype=op.out_dtype or args[0].dtype)
+        outs = tuple(args[0].new_empty(op.out_shape(*args), dtype=op.out_dtype or args[0].dtype)
+                     for _ in range(op.outputs))
+        return outs if op.outputs > 1 else outs[0]
 
     def real(*args):
         error = None
