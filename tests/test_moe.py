@@ -21,7 +21,9 @@ pytestmark = pytest.mark.dist
 ops = torch.ops.symcomm
 F64 = torch.float64
 E, K, H = 16, 3, 16  # 16 experts divide every world size we run; rows of 16 bf16 are 32 bytes
-MAX_TOKENS = 8  # per rank; capacity = world * MAX_TOKENS holds any routing with distinct experts
+# Per rank; capacity = 2 * world * MAX_TOKENS holds any routing, the duplicates pattern's (two rows of a
+# token to one expert) included.
+MAX_TOKENS = 8
 TOKEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tokens on rank r.
@@ -89,7 +91,7 @@ def expected_dispatch(ids, capacity):
 def buffers(world, sym, dtype, capacity=None):
     """(expert_x, expert_counts) poisoned: NaN rows and -1 counts expose anything left unwritten."""
     local = E // world.world_size
-    expert_x = sym((local, capacity or world.world_size * MAX_TOKENS, H), dtype).fill_(float("nan"))
+    expert_x = sym((local, capacity or 2 * world.world_size * MAX_TOKENS, H), dtype).fill_(float("nan"))
     return expert_x, sym((local,), torch.int32).fill_(-1)
 
 

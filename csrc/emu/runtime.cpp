@@ -581,7 +581,8 @@ bool meet(World& w, std::uint64_t deadline_ns) {
   return true;
 }
 
-std::string segment_name(const std::string& job, int pe) { return "/symcomm-emu-" + job + "-" + std::to_string(pe); }
+std::string segment_prefix(const std::string& job) { return "/symcomm-emu-" + job + "-"; }
+std::string segment_name(const std::string& job, int pe) { return segment_prefix(job) + std::to_string(pe); }
 
 // A pid taken by another user's process counts as alive too.
 bool alive(std::int64_t pid) { return kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH; }
@@ -607,15 +608,17 @@ Mapping map_segment(const std::string& name) {
   return {static_cast<char*>(p), static_cast<std::size_t>(st.st_size)};
 }
 
-// Removes the segments of killed runs of any job (runs name their jobs afresh, so a leftover's name
+// Removes the segments of killed runs of other jobs (runs name their jobs afresh, so a leftover's name
 // never comes again): those whose creator recorded its pid and has died. Others' segments, which
-// this user may not open, and segments still being created are left alone.
-void remove_leftovers() {
+// this user may not open, and segments still being created are left alone, and so are `job`'s own:
+// each of its PEs replaces its own leftover (create_segment), and a removal by name here could take
+// the new segment that replaced the one found dead.
+void remove_leftovers(const std::string& job) {
   DIR* dir = opendir("/dev/shm");
   if (dir == nullptr) return;
   while (const dirent* entry = readdir(dir)) {
     const std::string name = std::string("/") + entry->d_name;
-    if (name.rfind("/symcomm-emu-", 0) != 0) continue;
+    if (name.rfind("/symcomm-emu-", 0) != 0 || name.rfind(segment_prefix(job), 0) == 0) continue;
     const int fd = shm_open(name.c_str(), O_RDONLY, 0);
     if (fd < 0) continue;
     struct stat st {};
@@ -686,7 +689,7 @@ void connect(World& w, const std::string& job, double timeout_s) {
   const std::string me = "emulated PE " + std::to_string(w.local) + " of job '" + job + "'";
   std::ostringstream within;
   within << " within " << timeout_s << " s";
-  remove_leftovers();
+  remove_leftovers(job);
   create_segment(w, job, deadline);
   std::vector<int> missing;
   for (int q = 0; q < w.npes; ++q)
