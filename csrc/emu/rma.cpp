@@ -46,6 +46,9 @@ struct Op {
   std::function<void()> land;
 };
 
+// Every operation in flight, for land_one.
+constexpr auto kAny = [](const Op&) { return true; };
+
 struct Landed {
   char* dst;
   std::vector<char> bytes;
@@ -139,7 +142,7 @@ struct Network {
     while (!stopping) {
       cv.wait_for(lock, std::chrono::microseconds(250));
       const std::uint64_t now = now_ns();
-      while (land_one([](const Op&) { return true; }, now)) {
+      while (land_one(kAny, now)) {
       }
     }
   }
@@ -167,7 +170,7 @@ void stop() {
   {
     std::lock_guard<std::mutex> lock(net->mu);
     net->stopping = true;
-    while (net->land_one([](const Op&) { return true; })) {
+    while (net->land_one(kAny)) {
     }
     for (int pe = 0; pe < net->npes; ++pe) net->show(pe);
   }
@@ -243,10 +246,10 @@ void progress() {
   // every PE's scheduling points land operations, each lands one: that is where the orders are checked.
   const std::uint64_t now = now_ns();
   if (!net->staged) {
-    while (net->land_one([](const Op&) { return true; }, now)) {
+    while (net->land_one(kAny, now)) {
     }
   } else {
-    net->land_one([](const Op&) { return true; }, now);
+    net->land_one(kAny, now);
   }
 }
 
